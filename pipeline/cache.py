@@ -1,0 +1,88 @@
+"""The stage cache: each stage's output, materialized to parquet under a key.
+
+A stage's key is the sha256 of its params, its code version, the run seed and the upstream
+stage's key, so a changed parameter reruns that stage and every stage after it, and nothing
+before it. Like Dolma's attributes, scores are kept as columns: reorder without rescoring.
+
+Layout, under ``RUN_DIR/stages/``::
+
+    NN-<stage>-<key16>/data/*.parquet      the stage's output rows
+    NN-<stage>-<key16>/artifacts/          models, tokenizers, fitted params (kept across crashes)
+    NN-<stage>-<key16>/_SUCCESS.json        written last; its presence marks the stage complete
+
+Output is written to a temporary folder and renamed into place, so a crash never leaves a
+half-written ``data/`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray.data
+
+from pipeline.config import sha256_json
+
+SUCCESS = "_SUCCESS.json"
+
+
+def stage_key(upstream: str, spec: dict[str, Any]) -> str:
+    return sha256_json({"upstream": upstream, **spec})
+
+
+class StageCache:
+    def __init__(self, run_dir: Path):
+        self.root = run_dir / "stages"
+
+    def folder(self, index: int, name: str, key: str) -> Path:
+        return self.root / f"{index:02d}-{name}-{key[:16]}"
+
+    @staticmethod
+    def record(folder: Path) -> dict[str, Any] | None:
+        """The completion record of a finished stage, or None."""
+        marker = folder / SUCCESS
+        if not marker.is_file():
+            return None
+        return json.loads(marker.read_text())
+
+    @staticmethod
+    def read(folder: Path, part: str = "data") -> ray.data.Dataset:
+        return ray.data.read_parquet(str(folder / part))
+
+    @staticmethod
+    def write(ds: ray.data.Dataset, folder: Path, part: str = "data") -> int:
+        """Execute ``ds`` into ``folder/part`` atomically and return its row count."""
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / part
+        tmp = folder / f".{part}.tmp-{uuid.uuid4().hex[:8]}"
+        ds.write_parquet(str(tmp))
+        if not tmp.exists() or not any(tmp.glob("*.parquet")):
+            # Ray writes no file for an empty dataset; keep the schema so the next stage can read it.
+            tmp.mkdir(parents=True, exist_ok=True)
+            schema = ds.schema()
+            arrow_schema = getattr(schema, "base_schema", None) if schema is not None else None
+            if not isinstance(arrow_schema, pa.Schema):
+                arrow_schema = pa.schema([])
+            pq.write_table(arrow_schema.empty_table(), tmp / "empty.parquet")
+        rows = pads.dataset(str(tmp), format="parquet").count_rows()
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return rows
+
+    @staticmethod
+    def complete(folder: Path, record: dict[str, Any]) -> None:
+        tmp = folder / f".{SUCCESS}.tmp"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        tmp.rename(folder / SUCCESS)
+
+    def artifacts(self, folder: Path) -> Path:
+        path = folder / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,93 @@
+"""The ``curriculum`` command line. The only place that turns errors into exit codes.
+
+Exit codes: 0 success; 2 a usage or config error (nothing written); 1 a runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import ConfigError, CurriculumError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curriculum", description="Score, select, augment and order a corpus into curricula.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the curation stages and write a run folder")
+    run.add_argument("config", help="YAML config")
+    run.add_argument("--out", help="run folder (default: runs/<run.name>)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value, e.g. --set run.seed=3 or --set stages.order.key=ppl")
+    run.add_argument("--ray-address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, or local)")
+
+    synth = sub.add_parser("synth", help="write a synthetic corpus with known ground truth")
+    synth.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
+    synth.add_argument("--docs", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--kind", choices=["graded"], default="graded")
+
+    inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
+    inspect.add_argument("run_dir")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    config = load_config(args.config, args.sets)
+    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    from pipeline.runner import run_pipeline
+
+    manifest = run_pipeline(config, out, address=args.ray_address)
+    counts = manifest["counts"]
+    print(f"run folder: {out.resolve()}")
+    print(f"  {counts['input_rows']} input rows, {counts['quarantined']} quarantined, "
+          f"{counts['output_rows']} rows in {len(manifest['shards'])} shard(s); config {manifest['config_hash'][:12]}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth import write_synthetic
+
+    if args.docs < 1:
+        raise ConfigError("--docs must be at least 1")
+    n = write_synthetic(Path(args.out), args.docs, seed=args.seed, kind=args.kind)
+    print(f"wrote {n} {args.kind} documents to {args.out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.report import inspect_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no manifest.json)")
+    summary, report = inspect_run(run_dir)
+    print(summary)
+    print(f"report: {report}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "synth": _cmd_synth, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"curriculum: config error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except CurriculumError as exc:
+        print(f"curriculum: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("curriculum: interrupted; rerun the same command to resume from the stage cache", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

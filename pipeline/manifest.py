@@ -1,0 +1,87 @@
+"""The run manifest: what ran, on what, with which counts, and where every shard is."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import CurriculumError
+
+_VERSIONED = ("ray", "torch", "transformers", "datasets", "polars", "pyarrow", "data-curriculum")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_manifest(
+    config: Config,
+    read_record: dict[str, Any],
+    stage_records: list[dict[str, Any]],
+    shards: list[dict[str, Any]],
+    order: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    config_hash = config.config_hash()
+    stages = [
+        {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds", "cached", "key")}
+        | ({"dropped_by": r["dropped_by"]} if r.get("dropped_by") else {})
+        | ({"info": r["info"]} if r.get("info") else {})
+        for r in stage_records
+    ]
+    counts = {
+        "input_rows": read_record["input_rows"],
+        "quarantined": read_record["quarantined"],
+        "output_rows": sum(s["rows"] for s in shards),
+    }
+    check_balance(counts, stages)
+    return {
+        "run_id": f"{config.run.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{config_hash[:8]}",
+        "config_hash": config_hash,
+        "config": config.resolved(),
+        "seed": config.run.seed,
+        "versions": package_versions(),
+        "stages": stages,
+        "counts": counts,
+        "columns": {"extra": read_record.get("extra_columns", {})},
+        "shards": shards,
+        "order": order,
+        "seconds": round(seconds, 3),
+    }
+
+
+def check_balance(counts: dict[str, int], stages: list[dict[str, Any]]) -> None:
+    """input_rows = quarantined + Σ dropped + output_rows − Σ added, or the run is wrong."""
+    dropped = sum(s["dropped"] for s in stages)
+    added = sum(s["added"] for s in stages)
+    if counts["input_rows"] != counts["quarantined"] + dropped + counts["output_rows"] - added:
+        raise CurriculumError(
+            f"counts do not balance: input_rows {counts['input_rows']} != quarantined {counts['quarantined']} "
+            f"+ dropped {dropped} + output_rows {counts['output_rows']} - added {added}"
+        )
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = run_dir / "manifest.json"
+    tmp = run_dir / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    tmp.rename(path)
+    return path
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise CurriculumError(f"{run_dir}: no manifest.json; is this a run folder written by `curriculum run`?")
+    return json.loads(path.read_text())

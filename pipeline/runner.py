@@ -1,0 +1,190 @@
+"""The runner: read -> stages -> shards -> manifest, on a local Ray or a cluster.
+
+Each step's output is materialized into the stage cache (``pipeline.cache``) before the next
+one starts, so a rerun after a crash, or with a changed parameter, resumes at the first stage
+whose key is not complete. Only counts and small metadata ever come back to the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+import pipeline
+from pipeline.cache import StageCache, stage_key
+from pipeline.config import Config, expand_input_paths, sha256_json
+from pipeline.errors import CurriculumError, StageError
+from pipeline.ingest import ingest
+from pipeline.manifest import build_manifest, write_manifest
+from pipeline.readers import read_input
+from pipeline.writer import write_shards
+from stages.base import StageContext
+from stages.registry import build_stage
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def connect_ray(config: Config, address: str | None = None) -> None:
+    """Join the cluster at ``address`` / ``ray.address`` / ``RAY_ADDRESS``, or start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env: dict[str, Any] = {}
+    if config.ray.ship_code:
+        import stages
+
+        runtime_env["py_modules"] = [pipeline, stages]
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def _input_fingerprint(config: Config) -> list[Any]:
+    """What identifies the input: the files with size and mtime, or the dataset/synthetic spec."""
+    cfg = config.input
+    if cfg.format in ("jsonl", "parquet", "text") and cfg.path:
+        return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in expand_input_paths(cfg.path, cfg.format)]
+    return []
+
+
+def _split_dropped(out: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    full = out.materialize()
+    kept = full.map_batches(
+        lambda t: t.filter(pc.is_null(t["_drop_reason"])).drop_columns(["_drop_reason"]), batch_format="pyarrow"
+    )
+    dropped = full.map_batches(lambda t: t.filter(pc.is_valid(t["_drop_reason"])), batch_format="pyarrow")
+    return kept, dropped
+
+
+def _count_by(ds: ray.data.Dataset, column: str) -> dict[str, int]:
+    return {str(r[column]): int(r["count()"]) for r in ds.groupby(column).count().take_all()}
+
+
+def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log: Log = _stderr) -> dict[str, Any]:
+    """Run every stage of ``config`` into ``out_dir`` and return the manifest."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    connect_ray(config, address)
+    cache = StageCache(out_dir)
+    parallelism = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    seed = config.run.seed
+
+    # ---- read + quarantine
+    read_key = sha256_json({"stage": "read", "input": config.input.model_dump(mode="json"), "seed": seed,
+                            "files": _input_fingerprint(config), "version": pipeline.__version__})
+    read_dir = cache.folder(0, "read", read_key)
+    read_record = cache.record(read_dir)
+    if read_record is None:
+        t0 = time.time()
+        parsed, files = read_input(config.input, seed, parallelism)
+        result = ingest(parsed.materialize(), files)
+        good_rows = cache.write(result.good, read_dir, "data")
+        quarantined = cache.write(result.quarantine, read_dir, "quarantine")
+        read_record = {"name": "read", "key": read_key, "input_rows": result.input_rows, "quarantined": quarantined,
+                       "rows_out": good_rows, "extra_columns": result.extra_columns,
+                       "seconds": round(time.time() - t0, 3)}
+        if result.input_rows != quarantined + good_rows:
+            raise CurriculumError(f"read: {result.input_rows} records in but {good_rows} good + {quarantined} quarantined")
+        cache.complete(read_dir, read_record)
+        log(f"[read] {result.input_rows} records -> {good_rows} rows, {quarantined} quarantined "
+            f"in {read_record['seconds']:.1f}s")
+    else:
+        log(f"[read] cached: {read_record['input_rows']} records -> {read_record['rows_out']} rows, "
+            f"{read_record['quarantined']} quarantined")
+
+    # ---- check every stage's required columns before running any of them
+    stage_objects = [build_stage(params) for params in config.stages]
+    available = ["id", "text", *read_record["extra_columns"]]
+    for index, stage in enumerate(stage_objects, start=1):
+        missing = [c for c in stage.requires() if c not in available]
+        if missing:
+            raise StageError(f"stages[{index - 1}] {stage.name}: needs column(s) {missing}, which no earlier "
+                             f"stage or input field provides (available: {available})")
+        available += [c for c in stage.columns if c not in available]
+
+    # ---- stages
+    upstream_key, upstream_dir, rows = read_key, read_dir, read_record["rows_out"]
+    records: list[dict[str, Any]] = []
+    order_info: dict[str, Any] | None = None
+    for index, stage in enumerate(stage_objects, start=1):
+        spec = {"stage": stage.name, "params": stage.params.model_dump(mode="json"), "seed": seed,
+                "stage_version": stage.version, "version": pipeline.__version__}
+        key = stage_key(upstream_key, spec)
+        folder = cache.folder(index, stage.name, key)
+        record = cache.record(folder)
+        was_cached = record is not None
+        tag = f"[{index}/{len(stage_objects)} {stage.name}]"
+        if record is None:
+            t0 = time.time()
+            upstream = cache.read(upstream_dir)
+            ctx = StageContext(run_dir=out_dir, artifact_dir=cache.artifacts(folder), seed=seed,
+                               input_columns=list(upstream.schema().names))
+            try:
+                out = stage.apply(upstream, ctx)
+                dropped_by: dict[str, int] = {}
+                if stage.may_drop():
+                    out, dropped = _split_dropped(out)
+                    if cache.write(dropped, folder, "dropped"):
+                        dropped_by = _count_by(cache.read(folder, "dropped"), "_drop_reason")
+                rows_out = cache.write(out, folder, "data")
+            except CurriculumError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - name the stage, keep the cause
+                raise StageError(f"stage {stage.name!r} (stages[{index - 1}]) failed: {type(exc).__name__}: {exc}") from exc
+            record = {"name": stage.name, "key": key, "rows_in": rows, "rows_out": rows_out,
+                      "dropped": max(0, rows - rows_out), "added": max(0, rows_out - rows),
+                      "seconds": round(time.time() - t0, 3), "info": ctx.info, "order": ctx.order}
+            if dropped_by:
+                record["dropped_by"] = dropped_by
+            cache.complete(folder, record)
+            log(f"{tag} {rows} -> {rows_out} rows (-{record['dropped']} +{record['added']}) in {record['seconds']:.1f}s")
+        else:
+            log(f"{tag} cached: {record['rows_in']} -> {record['rows_out']} rows")
+        records.append({**record, "cached": was_cached})
+        order_info = record.get("order") or order_info
+        upstream_key, upstream_dir, rows = key, folder, record["rows_out"]
+
+    # ---- shards, quarantine, manifest
+    t0 = time.time()
+    final = cache.read(upstream_dir)
+    drop = set() if config.output.keep_embeddings else {c for c in final.schema().names if c.startswith("embedding")}
+    shards = write_shards(final, out_dir, config.output.rows_per_shard, config.output.compression, drop)
+    log(f"[write] {rows} rows -> {len(shards)} shard(s) in {time.time() - t0:.1f}s")
+    _publish_quarantine(read_dir, out_dir)
+
+    manifest = build_manifest(config, read_record, records, shards, order_info or {}, time.time() - started)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _publish_quarantine(read_dir: Path, out_dir: Path) -> None:
+    """Copy the quarantine files out of the stage cache into RUN_DIR/quarantine/."""
+    target = out_dir / "quarantine"
+    staging = out_dir / ".quarantine.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for index, source in enumerate(sorted((read_dir / "quarantine").glob("*.parquet"))):
+        if pq.read_metadata(source).num_rows:
+            shutil.copyfile(source, staging / f"part-{index:05d}.parquet")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)

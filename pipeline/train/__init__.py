@@ -1,0 +1,1 @@
+"""Training on curated shards: curriculum loader, LR schedules, checkpoint averaging, trainer."""

@@ -1,0 +1,94 @@
+"""The Stage contract.
+
+A stage is a small class with a ``name``, a pydantic ``Params`` model, the ``columns`` it adds,
+the ``resources`` one of its workers needs, and a single ``apply(ds, ctx) -> ds``. It receives a
+``ray.data.Dataset`` and returns one; the runner materializes the result into the stage cache,
+counts rows and records the stage in the manifest. Stages never exit the process and never
+pull the corpus into the driver: per-row work uses ``map_batches``; global steps fit on a
+bounded, seeded sample or use Ray's distributed operations.
+
+Stages must be order-insensitive: the same set of input rows gives the same output rows
+whatever their block layout, so shard bytes do not depend on Ray's parallelism. Samples are
+therefore drawn by hashing ids (``pipeline.sampling``), never by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import ray.data
+from pydantic import BaseModel, ConfigDict
+
+
+class StageParams(BaseModel):
+    """Base of every stage's params model; ``name`` selects the stage in the config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    name: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of the stage asks Ray for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage: where it may keep artifacts, the seed, and a place to report.
+
+    ``artifact_dir`` is keyed like the stage's cached output, so an artifact (a fitted model,
+    a tokenizer) written there is reused by a rerun with the same params and upstream data.
+    ``info`` is copied into the manifest's entry for the stage; ``order`` (set by the order
+    stage) becomes the manifest's ``order`` section.
+    """
+
+    run_dir: Path
+    artifact_dir: Path
+    seed: int
+    input_columns: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+    order: dict[str, Any] | None = None
+
+    @property
+    def cluster_cpus(self) -> int:
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    @property
+    def cluster_gpus(self) -> int:
+        return int(ray.cluster_resources().get("GPU", 0))
+
+
+class Stage:
+    """One pipeline step. Subclasses set the class variables and implement ``apply``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[StageParams]]
+    columns: ClassVar[tuple[str, ...]] = ()
+    version: ClassVar[int] = 1  # bump when the stage's output changes for the same params
+
+    def __init__(self, params: StageParams) -> None:
+        self.params = params
+
+    def resources(self) -> Resources:
+        return Resources()
+
+    def requires(self) -> list[str]:
+        """Columns that must exist upstream; checked before any stage runs."""
+        return []
+
+    def may_drop(self) -> bool:
+        """True when ``apply`` marks rows to drop in a ``_drop_reason`` column (null = keep).
+
+        The runner then keeps those rows out of the output but stores them, with every score
+        column and their reason, under the stage's ``dropped/`` cache folder, and counts them by
+        reason in the manifest: nothing is lost, and a re-selection needs no rescoring.
+        """
+        return False
+
+    def apply(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
+        raise NotImplementedError

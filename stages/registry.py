@@ -1,0 +1,21 @@
+"""The stage registry: config names -> Stage classes. Listed explicitly, no import magic."""
+
+from __future__ import annotations
+
+from stages.base import Stage
+from stages.order import OrderStage
+from stages.quality import QualityStage
+
+_STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (QualityStage, OrderStage)}
+
+
+def get_stage_class(name: str) -> type[Stage] | None:
+    return _STAGES.get(name)
+
+
+def stage_names() -> list[str]:
+    return sorted(_STAGES)
+
+
+def build_stage(params) -> Stage:  # noqa: ANN001 - any StageParams subclass
+    return _STAGES[params.name](params)
