@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray cluster for the whole session, and a CLI runner.
+
+Tests that run ``curriculum`` in a subprocess pass ``--ray-address`` so the subprocess joins
+this cluster instead of starting its own (Ray's start-up dominates small runs).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "real_mix.jsonl.gz"
+
+# Nothing in the tests may reach a hub: fail fast instead of retrying a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """Start the session's local Ray cluster (2 CPUs) and return its address."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+CliResult = subprocess.CompletedProcess
+
+
+@pytest.fixture
+def cli(ray_address: str) -> Callable[..., CliResult]:
+    """Run ``curriculum ARGS`` in a subprocess; ``run`` commands join the session cluster."""
+
+    def run(*args: str, join_cluster: bool = True, timeout: float = 600, cwd: Path | None = None) -> CliResult:
+        argv = [sys.executable, "-m", "pipeline.cli", *args]
+        if args and args[0] == "run" and join_cluster and "--ray-address" not in args:
+            argv += ["--ray-address", ray_address]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
+
+    return run
+
+
+def real_mix_path() -> Path:
+    """The real text under ../shared/data, or skip: users of the project will not have it."""
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"real text not present at {SHARED_DATA} (it ships with the project's workspace, not the package)")
+    return SHARED_DATA
