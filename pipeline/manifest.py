@@ -57,6 +57,7 @@ def build_manifest(
         "columns": {"extra": read_record.get("extra_columns", {})},
         "shards": shards,
         "order": order,
+        "artifacts": {k: v for r in stage_records for k, v in (r.get("artifacts") or {}).items()},
         "seconds": round(seconds, 3),
     }
 

@@ -153,7 +153,8 @@ def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log:
                 raise StageError(f"stage {stage.name!r} (stages[{index - 1}]) failed: {type(exc).__name__}: {exc}") from exc
             record = {"name": stage.name, "key": key, "rows_in": rows, "rows_out": rows_out,
                       "dropped": max(0, rows - rows_out), "added": max(0, rows_out - rows),
-                      "seconds": round(time.time() - t0, 3), "info": ctx.info, "order": ctx.order}
+                      "seconds": round(time.time() - t0, 3), "info": ctx.info, "order": ctx.order,
+                      "artifacts": ctx.artifacts}
             if dropped_by:
                 record["dropped_by"] = dropped_by
             cache.complete(folder, record)

@@ -44,7 +44,9 @@ class StageContext:
     ``artifact_dir`` is keyed like the stage's cached output, so an artifact (a fitted model,
     a tokenizer) written there is reused by a rerun with the same params and upstream data.
     ``info`` is copied into the manifest's entry for the stage; ``order`` (set by the order
-    stage) becomes the manifest's ``order`` section.
+    stage) becomes the manifest's ``order`` section; ``artifacts`` (name -> path relative to
+    the run folder, e.g. ``reference_lm``) is merged into the manifest's ``artifacts`` section,
+    where later consumers such as the trainer find them.
     """
 
     run_dir: Path
@@ -53,6 +55,7 @@ class StageContext:
     input_columns: list[str]
     info: dict[str, Any] = field(default_factory=dict)
     order: dict[str, Any] | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
 
     @property
     def cluster_cpus(self) -> int:
