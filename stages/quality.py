@@ -55,7 +55,7 @@ class QualityFilter(BaseModel):
     def failed_rule(self, signals: dict[str, Any]) -> str | None:
         for rule, limit in self.model_dump(exclude_none=True).items():
             bound, _, column = rule.partition("_")
-            value = signals[column]
+            value = signals["n_words" if column == "words" else column]
             if (bound == "min" and value < limit) or (bound == "max" and value > limit):
                 return f"quality.{rule}"
         return None

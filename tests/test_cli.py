@@ -1,0 +1,125 @@
+"""The command line end to end, in subprocesses: exit codes, determinism, crash and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, docs: int = 400, **overrides) -> Path:
+    config = {
+        "run": {"name": "cli", "seed": 0},
+        "input": {"format": "synthetic", "synthetic": {"docs": docs}},
+        "stages": [{"name": "quality"}, {"name": "order", "method": "sort", "key": "symbol_ratio",
+                                          "direction": "descending"}],
+        "output": {"rows_per_shard": 150},
+        **overrides,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {s["path"]: s["sha256"] for s in manifest["shards"]}
+
+
+def test_config_error_exits_2_names_the_key_and_writes_nothing(cli, tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "never"
+    result = cli("run", str(config), "--out", str(out), "--set", "stages.quality.treshold=3")
+    assert result.returncode == 2
+    assert "stages[0].treshold: unknown key" in result.stderr
+    assert not out.exists()
+
+    missing = cli("run", str(tmp_path / "nope.yaml"), "--out", str(out))
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and not out.exists()
+
+    no_run = cli("inspect", str(tmp_path))
+    assert no_run.returncode == 2 and "no manifest.json" in no_run.stderr
+
+
+def test_runtime_failure_exits_1_with_the_stage_named(cli, tmp_path):
+    config = write_config(tmp_path, stages=[{"name": "order", "method": "sort", "key": "no_such_column"}])
+    result = cli("run", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "no_such_column" in result.stderr and "order" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_same_shards_with_one_or_two_cpus(cli, tmp_path):
+    """Each run starts its own local Ray with a different CPU count; the bytes must not change."""
+    config = write_config(tmp_path, docs=600)
+    hashes = []
+    for cpus in (1, 2):
+        out = tmp_path / f"cpus{cpus}"
+        result = cli("run", str(config), "--out", str(out), "--set", f"ray.num_cpus={cpus}", join_cluster=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"run folder: {out.resolve()}" in result.stdout
+        hashes.append(shard_hashes(out))
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 4
+
+
+def test_sigkill_mid_run_then_resume_gives_identical_shards(cli, ray_address, tmp_path):
+    config = write_config(tmp_path, docs=3000)
+    reference = tmp_path / "reference"
+    assert cli("run", str(config), "--out", str(reference)).returncode == 0
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--out", str(out), "--ray-address", ray_address]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    deadline = time.time() + 300
+    while not list(out.glob("stages/01-quality-*/_SUCCESS.json")):
+        assert proc.poll() is None, "the run ended before the first stage completed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists(), "the kill came too late to test a resume"
+
+    done = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/_SUCCESS.json")}
+    resumed = cli("run", str(config), "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[read] cached" in resumed.stderr and "quality] cached" in resumed.stderr
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done.items())
+    assert shard_hashes(out) == shard_hashes(reference)
+
+
+def test_synth_then_jsonl_run_then_inspect(cli, tmp_path):
+    corpus = tmp_path / "graded.jsonl.gz"
+    result = cli("synth", "--out", str(corpus), "--docs", "300", "--seed", "4", "--kind", "graded")
+    assert result.returncode == 0, result.stderr
+    again = tmp_path / "again.jsonl.gz"
+    cli("synth", "--out", str(again), "--docs", "300", "--seed", "4")
+    assert corpus.read_bytes() == again.read_bytes()
+
+    import gzip
+
+    records = [json.loads(line) for line in gzip.open(corpus, "rt")]
+    assert len(records) == 300 and len({r["topic"] for r in records}) >= 8
+    assert all(0 <= r["true_quality"] <= 1 for r in records)
+
+    config = write_config(tmp_path, input={"format": "jsonl", "path": str(corpus), "id_field": "id"})
+    out = tmp_path / "run"
+    assert cli("run", str(config), "--out", str(out)).returncode == 0
+    report = cli("inspect", str(out))
+    assert report.returncode == 0, report.stderr
+    assert "quality" in report.stdout and "symbol_ratio" in report.stdout
+    index = (out / "report" / "index.html").read_text()
+    for png in ("rows_per_stage.png", "curriculum_curve.png", "hist_symbol_ratio.png"):
+        assert png in index and (out / "report" / png).stat().st_size > 1000
