@@ -252,7 +252,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
         from pipeline.train.config import TrainConfig
 
         try:
-            TrainConfig.model_validate(config.train)
+            config.train = TrainConfig.model_validate(config.train).model_dump(mode="json")
         except ValidationError as exc:
             problems.extend(format_validation_error(exc, "train", TrainConfig))
     if problems:

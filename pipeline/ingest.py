@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import ray.data
 from ray.data.aggregate import Count, Min
 
-from pipeline.readers import RESERVED_COLUMNS, describe_seq
+from pipeline.readers import RESERVED_COLUMNS
 
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("raw", pa.string()), ("reason", pa.string())])
 _MERGED_TYPES: dict[frozenset[str], pa.DataType] = {
@@ -65,7 +65,7 @@ def _filter_batch(table: pa.Table, bad: bool) -> pa.Table:
     return table.filter(mask)
 
 
-def _mark_duplicates(group: pa.Table, files: list[str]) -> pa.Table:
+def _mark_duplicates(group: pa.Table) -> pa.Table:
     """Within one id's rows: keep the first in input order, quarantine the others."""
     if group.num_rows < 2:
         return group
@@ -99,7 +99,7 @@ def _to_quarantine(table: pa.Table) -> pa.Table:
                     schema=QUARANTINE_SCHEMA)
 
 
-def ingest(parsed: ray.data.Dataset, files: list[str]) -> IngestResult:
+def ingest(parsed: ray.data.Dataset) -> IngestResult:
     """Split a materialized parsed dataset into good rows and quarantine rows."""
     input_rows = parsed.count()
     ok = parsed.map_batches(_filter_batch, batch_format="pyarrow", fn_kwargs={"bad": False})
@@ -110,7 +110,7 @@ def ingest(parsed: ray.data.Dataset, files: list[str]) -> IngestResult:
         .map_batches(lambda t: t.filter(pc.greater(t["count()"], 1)), batch_format="pyarrow")
     )
     if repeated.count() > 0:
-        marked = ok.groupby("id").map_groups(_mark_duplicates, batch_format="pyarrow", fn_kwargs={"files": files})
+        marked = ok.groupby("id").map_groups(_mark_duplicates, batch_format="pyarrow")
         marked = marked.materialize()
         ok = marked.map_batches(_filter_batch, batch_format="pyarrow", fn_kwargs={"bad": False})
         bad = bad.union(marked.map_batches(_filter_batch, batch_format="pyarrow", fn_kwargs={"bad": True}))
@@ -125,5 +125,3 @@ def ingest(parsed: ray.data.Dataset, files: list[str]) -> IngestResult:
         extra_columns={column_name_for_field(k): str(v) for k, v in schema.items()},
     )
 
-
-__all__ = ["IngestResult", "ingest", "merge_signatures", "QUARANTINE_SCHEMA", "describe_seq"]

@@ -131,13 +131,6 @@ def _seq(file_index: int, record_number: int) -> int:
     return (file_index << _SEQ_SHIFT) | record_number
 
 
-def describe_seq(seq: int, files: list[str]) -> str:
-    """Where a ``_seq`` came from, for messages."""
-    file_index, number = seq >> _SEQ_SHIFT, seq & ((1 << _SEQ_SHIFT) - 1)
-    name = files[file_index] if file_index < len(files) else f"part {file_index}"
-    return f"{name}#{number}"
-
-
 # ----------------------------------------------------------------------------- datasources
 
 
@@ -328,15 +321,15 @@ def _relative(path: str, root: str) -> str:
         return Path(path).name
 
 
-def read_input(cfg: InputConfig, seed: int, parallelism: int) -> tuple[ray.data.Dataset, list[str]]:
-    """The parsed dataset for ``cfg``, and the list of files (or parts) its ``_seq`` refers to."""
+def read_input(cfg: InputConfig, seed: int, parallelism: int) -> ray.data.Dataset:
+    """The parsed dataset for ``cfg``: one read task per file, shard or index range, up to ``parallelism``."""
     if cfg.format == "synthetic":
         synthetic = cfg.synthetic or SyntheticInput()
         checker = RecordChecker("text", "id", cfg.max_chars, cfg.keep_fields)
         step = cfg.lines_per_block
         units = [(a, min(a + step, synthetic.docs)) for a in range(0, synthetic.docs, step)]
         source = SyntheticDatasource(units, checker, step, synthetic.seed if synthetic.seed is not None else seed)
-        return ray.data.read_datasource(source, override_num_blocks=max(1, min(parallelism, len(units)))), ["synthetic"]
+        return ray.data.read_datasource(source, override_num_blocks=max(1, min(parallelism, len(units))))
 
     checker = RecordChecker(cfg.text_field, cfg.id_field, cfg.max_chars, cfg.keep_fields)
     if cfg.format == "hf":
@@ -349,7 +342,7 @@ def read_input(cfg: InputConfig, seed: int, parallelism: int) -> tuple[ray.data.
         del probe
         units = [(k, n_shards) for k in range(n_shards)]
         hf_source = HFDatasource(units, checker, cfg.lines_per_block, hf_kwargs, label)
-        return ray.data.read_datasource(hf_source, override_num_blocks=n_shards), [label]
+        return ray.data.read_datasource(hf_source, override_num_blocks=n_shards)
 
     assert cfg.path is not None
     files = expand_input_paths(cfg.path, cfg.format)
@@ -363,4 +356,4 @@ def read_input(cfg: InputConfig, seed: int, parallelism: int) -> tuple[ray.data.
     else:
         root = cfg.path if Path(cfg.path).is_dir() else str(Path(files[0]).parent)
         datasource = TextDatasource(units, checker, cfg.lines_per_block, root)
-    return ray.data.read_datasource(datasource, override_num_blocks=max(1, min(parallelism, len(units)))), files
+    return ray.data.read_datasource(datasource, override_num_blocks=max(1, min(parallelism, len(units))))

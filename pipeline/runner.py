@@ -96,8 +96,8 @@ def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log:
     read_record = cache.record(read_dir)
     if read_record is None:
         t0 = time.time()
-        parsed, files = read_input(config.input, seed, parallelism)
-        result = ingest(parsed.materialize(), files)
+        parsed = read_input(config.input, seed, parallelism)
+        result = ingest(parsed.materialize())
         good_rows = cache.write(result.good, read_dir, "data")
         quarantined = cache.write(result.quarantine, read_dir, "quarantine")
         read_record = {"name": "read", "key": read_key, "input_rows": result.input_rows, "quarantined": quarantined,
