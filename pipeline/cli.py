@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
     inspect.add_argument("run_dir")
+
+    from pipeline.train.cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -71,7 +75,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "synth": _cmd_synth, "inspect": _cmd_inspect}
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.cli import cmd_train
+
+    return cmd_train(args)
+
+
+def _cmd_average(args: argparse.Namespace) -> int:
+    from pipeline.train.cli import cmd_average
+
+    return cmd_average(args)
+
+
+COMMANDS = {"run": _cmd_run, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": _cmd_train, "average": _cmd_average}
 
 
 def main(argv: list[str] | None = None) -> int:

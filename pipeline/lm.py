@@ -70,14 +70,28 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype: An
             name_or_path, trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=None
         )
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, HTTP errors...
-        where = "local folder" if Path(name_or_path).exists() else "hub model"
-        raise ModelLoadError(
-            f"cannot load {where} {name_or_path!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Without network access, give a local path in Hugging Face layout."
-        ) from None
+        raise _load_error(name_or_path, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_lm_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model config only (cheap): lets a driver fail fast, naming the model, before workers start."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - see load_causal_lm
+        raise _load_error(name_or_path, exc) from None
+
+
+def _load_error(name_or_path: str, exc: Exception) -> ModelLoadError:
+    where = "local folder" if Path(name_or_path).exists() else "hub model"
+    return ModelLoadError(
+        f"cannot load {where} {name_or_path!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+        "Without network access, give a local path in Hugging Face layout."
+    )
 
 
 def resolve_device(device: str = "auto") -> str:

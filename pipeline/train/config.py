@@ -1,10 +1,20 @@
-"""The ``train:`` section of the config (DESIGN.md), validated like every other section."""
+"""The ``train:`` section of the config (DESIGN.md), validated like every other section.
+
+Every model forbids unknown keys, so ``train.schedule.decay_shap`` is an error that names the
+key, never ignored. The contract keys are DESIGN.md's; the rest are documented here and in
+README.md ("Training").
+
+Batch arithmetic: ``batch_size`` is the **global** batch, in sequences of ``seq_len`` tokens per
+optimizer step, whatever ``workers`` and ``grad_accum`` are; each worker's micro-batch is
+``batch_size / (workers * grad_accum)``. So changing the worker count does not change the
+optimization, and ``max_tokens / (batch_size * seq_len)`` is the number of optimizer steps.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel
 
@@ -14,41 +24,121 @@ class ModelSpec(StrictModel):
     pretrained: str | None = Field(None, description="A local path (HF layout) or hub name.")
     trust_remote_code: bool = False
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.config is None) == (self.pretrained is None):
+            raise ValueError("give exactly one of model.config (a transformers config) or model.pretrained (a path)")
+        if self.config is not None and not self.config.get("model_type"):
+            raise ValueError("model.config needs model_type (for example gpt2 or llama)")
+        return self
+
 
 class OptimizerConfig(StrictModel):
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, description="The peak learning rate.")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
 
 
 class ScheduleConfig(StrictModel):
     kind: Literal["constant", "cosine", "wsd", "linear"] = "wsd"
     warmup: float = Field(0.01, ge=0, description="Warmup: a fraction of the steps (< 1) or a step count.")
-    decay_fraction: float = Field(0.2, ge=0, le=1)
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the share of the steps spent decaying.")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
-    final_lr_ratio: float = Field(0.333, ge=0, le=1)
+    final_lr_ratio: float = Field(0.333, ge=0, le=1, description="The last step's LR as a share of the peak.")
 
 
 class AveragingConfig(StrictModel):
     method: Literal["none", "sma", "ema", "wma"] = "ema"
-    last_k: int = Field(6, ge=1)
-    alpha: float = Field(0.2, gt=0, le=1)
-    every: int = Field(100, ge=1)
+    last_k: int = Field(6, ge=1, description="Average the last k checkpoints (the final step is always one).")
+    alpha: float = Field(0.2, gt=0, le=1, description="ema: weight alpha^i for the i-th newest checkpoint.")
+    every: int = Field(100, ge=1, description="Checkpoint spacing in optimizer steps.")
+    dtype: Literal["float32", "same"] = Field(
+        "float32", description="Averaged weights in float32 (default; see METHODS.md §4 pitfalls) or the model's dtype."
+    )
+
+
+class SyntheticEval(StrictModel):
+    """A held-out slice of the synthetic graded corpus (``pipeline.synth``), by true quality."""
+
+    docs: int = Field(200, ge=1)
+    seed: int = Field(1000, ge=0, description="Use a seed other than run.seed so no training document repeats.")
+    min_quality: float = Field(0.0, ge=0, le=1)
+    max_quality: float = Field(1.0, ge=0, le=1)
+
+
+class EvalSet(StrictModel):
+    path: str | None = Field(None, description="jsonl(.gz), parquet, text file, or a run folder (its shards).")
+    synthetic: SyntheticEval | None = None
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalSet":
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("an eval set needs exactly one of path or synthetic")
+        return self
 
 
 class EvalConfig(StrictModel):
-    every: int = Field(100, ge=1)
-    sets: dict[str, str] = Field(default_factory=dict)
+    every: int = Field(100, ge=1, description="Evaluate every N optimizer steps (and at the last step).")
+    sets: dict[str, str | EvalSet] = Field(
+        default_factory=dict, description="name -> path, or name -> {path | synthetic, text_field}; logged as eval_<name>."
+    )
+    max_tokens: int = Field(32_768, ge=1, description="Tokens per set (the first ones, packed into seq_len sequences).")
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("sets")
+    @classmethod
+    def _names(cls, sets: dict[str, Any]) -> dict[str, Any]:
+        for name in sets:
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"eval set name {name!r}: use letters, digits, '_' or '-' (it becomes eval_<name>)")
+        return sets
 
 
 class TrainConfig(StrictModel):
     model: ModelSpec = ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2})
-    tokenizer: str | None = None
+    tokenizer: str | None = Field(
+        None, description="HF tokenizer folder; default: model.pretrained's, else the run's reference LM's, else a BPE trained on the shards."
+    )
+    tokenizer_vocab_size: int = Field(4096, ge=300, description="Vocabulary of the BPE trained when no tokenizer is given.")
+    tokenizer_sample_docs: int = Field(5000, ge=1, description="Documents (hash-sampled) to train that BPE on.")
     seq_len: int = Field(256, ge=8)
-    batch_size: int = Field(16, ge=1)
-    max_tokens: int = Field(2_000_000, ge=1)
+    batch_size: int = Field(16, ge=1, description="Global batch: sequences per optimizer step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step on each worker.")
+    max_tokens: int = Field(2_000_000, ge=1, description="Training length: steps = max_tokens // (batch_size * seq_len).")
+    packing: Literal["pack", "pad"] = Field("pack", description="pack documents with EOS separators, or pad each one.")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     averaging: AveragingConfig = AveragingConfig()
     eval: EvalConfig = EvalConfig()
+    workers: int = Field(1, ge=1, description="> 1 trains data-parallel with Ray Train's TorchTrainer.")
+    loader_workers: int = Field(0, ge=0, description="Tokenizer processes per worker (DataLoader workers).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per worker; null keeps torch's default. Tiny models run faster on 1."
+    )
+    seed: int | None = Field(None, ge=0, description="Model init and dropout; defaults to run.seed.")
+    log_every: int = Field(10, ge=1, description="A metrics.jsonl line every N steps (and at every eval step).")
+    deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume).")
+    trace: bool = Field(False, description="Write OUT/trace/rank-R.jsonl: the positions of every micro-batch.")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        per_step = self.workers * self.grad_accum
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of workers * grad_accum = {per_step} "
+                "(batch_size is the global batch per optimizer step)"
+            )
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.workers * self.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.max_tokens // (self.batch_size * self.seq_len))

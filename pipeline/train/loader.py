@@ -1,0 +1,372 @@
+"""The curriculum loader: a run folder's shards -> token batches, in ``position`` order.
+
+**Order.** Shards are read in file-name order and ``position`` runs 0 … N−1 (DESIGN.md), so the
+token stream is the documents in curriculum order, each followed by the EOS token. After the
+last document the stream starts again at position 0 (epoch 1, 2, …) unless ``max_epochs`` is set.
+The loader checks that every document it reads has the position it expects, so shards from a
+broken run cannot silently reorder training.
+
+**Packing.** ``packing="pack"`` cuts the stream into ``seq_len`` sequences with no padding: a
+document may straddle two sequences (and two batches), and a sequence holds several documents
+separated by EOS (the GPT-2/nanoGPT convention; no cross-document attention mask). ``"pad"``
+gives each document its own sequences: a document longer than ``seq_len`` is split, never
+truncated, and the last piece is padded (``attention_mask`` 0, ``labels`` -100). A batch is
+``batch_size`` consecutive sequences of the stream.
+
+**Batches.** Dicts of tensors: ``input_ids``, ``attention_mask``, ``labels`` (int64, ``[B, L]``),
+``positions`` (the ``position`` of the document each token comes from, -1 for padding),
+``index`` (the global batch number) and ``state``: the loader state after this batch (below). Everything is a function of the
+shards, the tokenizer and the settings: no randomness, no dependence on timing.
+
+**Ranks.** With ``world_size`` ranks, the global stream of batches b = 0, 1, 2, … is dealt
+round-robin: rank r takes the batches with ``b % world_size == r``. Reading batch ``b`` of every
+rank in turn therefore gives exactly the single-process stream, so the global order is the
+curriculum order and each token is seen once per epoch. Every rank reads and tokenizes the
+whole stream (packing needs the token counts of the batches it skips); tokenization is cheap
+next to a training step, and ``num_workers`` spreads it over processes.
+
+**State and resume.** The state is a cursor into the stream: ``{epoch, row, offset, batch}`` —
+the next global batch ``batch`` starts at token ``offset`` of document ``row`` (its position)
+in ``epoch``. ``state["batch"]`` is always the start of a round of ``world_size`` batches, so
+after every rank has taken the same number of batches all ranks report the same state, and
+``load_state_dict`` of that state resumes every rank (with any ``world_size``) at the exact next
+token. ``state_dict()`` is the state after the last batch this object yielded; when the loader
+is wrapped in a ``DataLoader`` with workers, the iteration happens in copies, so take
+``batch["state"]`` of the last batch consumed instead.
+
+**Workers.** ``num_workers > 0`` tokenizes in that many ``DataLoader`` worker processes: chunks
+of ``chunk_rows`` documents are dealt round-robin to the workers, whose outputs the
+``DataLoader`` returns in the same round-robin order, so the order is preserved. The loader is
+also an ``IterableDataset`` itself: inside a user's ``DataLoader(loader, batch_size=None,
+num_workers=W)`` worker w yields this rank's batches k with ``k % W == w``, which the
+``DataLoader`` interleaves back into order.
+
+**Memory.** Shards are streamed in record batches of ``chunk_rows`` rows (a parquet row group at
+most is decoded at a time); the token buffer holds about one chunk.
+
+Text containing the EOS token's literal string (``<|endoftext|>``) is tokenized as that special
+token, as Hugging Face tokenizers do by default.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import ConfigError, CurriculumError
+
+END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
+
+
+def shard_files(run_dir: str | Path) -> list[Path]:
+    """The run folder's shards in name order (the training order), or a clear error."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "shards"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise ConfigError(f"{run_dir}: no shards/*.parquet (not a run folder? run `curriculum run CONFIG` first)")
+    return files
+
+
+class Encoder:
+    """Text -> token ids, through the fast (Rust) tokenizer when there is one. Picklable."""
+
+    def __init__(self, tokenizer: Any):
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise ConfigError("the tokenizer has no EOS token; the loader separates documents with it")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            # A copy without truncation/padding: a saved tokenizer may carry either, and the
+            # loader must see every token of every document.
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        self.backend = backend
+        self.tokenizer = None if backend is not None else tokenizer
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            # encode_batch_fast skips the character offsets, which the loader never uses.
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class _Chunk:
+    tokens: np.ndarray  # int32, each document followed by EOS
+    grow: np.ndarray  # int64, global row (epoch * rows + position) of each token
+    tpos: np.ndarray  # int32, index of each token inside its document (EOS included)
+
+
+def _tokenize_chunk(encoder: Encoder, texts: list[str], epoch: int, row0: int, rows: int, skip: int) -> _Chunk:
+    ids = encoder.encode(texts)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    tokens = np.insert(flat, np.cumsum(lengths), encoder.eos)  # EOS after every document
+    lengths = lengths + 1
+    starts = np.cumsum(lengths) - lengths
+    grow = np.repeat(np.arange(row0, row0 + len(ids), dtype=np.int64) + epoch * rows, lengths)
+    tpos = (np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+    if skip:  # resuming inside the first document
+        tokens, grow, tpos = tokens[skip:], grow[skip:], tpos[skip:]
+    return _Chunk(tokens, grow, tpos)
+
+
+class _Source:
+    """Row counts of the shards and a reader of (epoch, row, texts) chunks from any cursor."""
+
+    def __init__(self, run_dir: str | Path, text_column: str):
+        self.files = shard_files(run_dir)
+        self.text_column = text_column
+        self.file_rows: list[int] = []
+        for f in self.files:
+            meta = pq.read_metadata(f)
+            names = pq.read_schema(f).names
+            for column in (text_column, "position"):
+                if column not in names:
+                    raise ConfigError(f"{f}: no {column!r} column (columns: {names})")
+            self.file_rows.append(meta.num_rows)
+        self.file_starts = np.cumsum([0, *self.file_rows])
+        self.rows = int(self.file_starts[-1])
+        if self.rows == 0:
+            raise CurriculumError(f"{run_dir}: the shards hold no rows; there is nothing to train on")
+
+    def chunks(self, epoch: int, row: int, chunk_rows: int, max_epochs: int | None) -> Iterator[tuple[int, int, list[str]]]:
+        """(epoch, first row, texts) from the cursor on, in order, looping over epochs."""
+        if not 0 <= row < self.rows:
+            raise CurriculumError(f"loader state: row {row} is outside the run's {self.rows} rows")
+        while max_epochs is None or epoch < max_epochs:
+            first = int(np.searchsorted(self.file_starts, row, side="right") - 1)
+            for index in range(first, len(self.files)):
+                if self.file_rows[index] == 0:
+                    continue
+                start_in_file = row - int(self.file_starts[index]) if index == first else 0
+                yield from self._file_chunks(index, epoch, start_in_file, chunk_rows)
+            epoch, row = epoch + 1, 0
+
+    def _file_chunks(self, index: int, epoch: int, start: int, chunk_rows: int) -> Iterator[tuple[int, int, list[str]]]:
+        pf = pq.ParquetFile(self.files[index])
+        rg_rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        rg_starts = np.cumsum([0, *rg_rows])
+        first_rg = int(np.searchsorted(rg_starts, start, side="right") - 1)
+        expected = int(self.file_starts[index]) + start
+        skip = start - int(rg_starts[first_rg])
+        batches = pf.iter_batches(batch_size=chunk_rows, row_groups=list(range(first_rg, pf.num_row_groups)),
+                                  columns=[self.text_column, "position"], use_threads=False)
+        for batch in batches:
+            if skip:
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                batch, skip = batch.slice(skip), 0
+            positions = batch.column(1)
+            n = batch.num_rows
+            if n == 0:
+                continue
+            if positions[0].as_py() != expected or positions[n - 1].as_py() != expected + n - 1:
+                raise CurriculumError(
+                    f"{self.files[index]}: positions {positions[0].as_py()}…{positions[n - 1].as_py()} where "
+                    f"{expected}…{expected + n - 1} were expected; shards must hold positions 0…N−1 in file order")
+            texts = [t if t is not None else "" for t in batch.column(0).to_pylist()]
+            yield epoch, expected, texts
+            expected += n
+
+
+class _ChunkStream(IterableDataset):
+    """Tokenized chunks from a cursor; in DataLoader worker w of W, only chunks c % W == w."""
+
+    def __init__(self, source: _Source, encoder: Encoder, cursor: dict[str, int], chunk_rows: int,
+                 max_epochs: int | None, split: bool):
+        self.source, self.encoder, self.cursor = source, encoder, cursor
+        self.chunk_rows, self.max_epochs, self.split = chunk_rows, max_epochs, split
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        info = get_worker_info() if self.split else None
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        c = self.cursor
+        stream = self.source.chunks(c["epoch"], c["row"], self.chunk_rows, self.max_epochs)
+        for index, (epoch, row0, texts) in enumerate(stream):
+            if index % workers != worker:
+                continue
+            skip = c["offset"] if index == 0 else 0
+            yield _tokenize_chunk(self.encoder, texts, epoch, row0, self.source.rows, skip)
+
+
+def _collate_chunk(chunk: _Chunk) -> _Chunk:
+    return chunk  # keep numpy arrays as they are (the default would make tensors)
+
+
+class CurriculumLoader(IterableDataset):
+    """Token batches from a run folder's shards in curriculum order. See the module docstring."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tokenizer: Any,
+        seq_len: int,
+        batch_size: int,
+        packing: str = "pack",
+        world_size: int = 1,
+        rank: int = 0,
+        num_workers: int = 0,
+        max_epochs: int | None = None,
+        chunk_rows: int = 256,
+        text_column: str = "text",
+    ):
+        if packing not in ("pack", "pad"):
+            raise ConfigError(f"packing must be 'pack' or 'pad' (got {packing!r})")
+        if seq_len < 2 or batch_size < 1 or chunk_rows < 1:
+            raise ConfigError("seq_len must be >= 2, batch_size and chunk_rows >= 1")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in 0…{world_size - 1}")
+        self.source = _Source(run_dir, text_column)
+        self.encoder = Encoder(tokenizer)
+        self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
+        self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
+        self.max_epochs, self.chunk_rows = max_epochs, chunk_rows
+        self._state: dict[str, int] = {"epoch": 0, "row": 0, "offset": 0, "batch": 0}
+
+    @property
+    def rows(self) -> int:
+        """Documents per epoch."""
+        return self.source.rows
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in ("epoch", "row", "offset", "batch") if k not in state]
+        if missing:
+            raise CurriculumError(f"loader state lacks {missing}: {state}")
+        if state["epoch"] < 0:
+            raise CurriculumError("loader state: the stream had ended (finite max_epochs); nothing to resume")
+        self._state = {k: int(state[k]) for k in ("epoch", "row", "offset", "batch")}
+
+    # ------------------------------------------------------------------ iteration
+
+    def _chunks(self, cursor: dict[str, int], in_worker: bool) -> Iterator[_Chunk]:
+        split = self.num_workers > 0 and not in_worker
+        stream = _ChunkStream(self.source, self.encoder, cursor, self.chunk_rows, self.max_epochs, split)
+        if split:
+            from torch.utils.data import DataLoader
+
+            yield from DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                  collate_fn=_collate_chunk, prefetch_factor=4, persistent_workers=False)
+        else:
+            yield from stream
+
+    def _cursor(self, grow: int, tpos: int) -> dict[str, int]:
+        return {"epoch": int(grow // self.source.rows), "row": int(grow % self.source.rows), "offset": int(tpos)}
+
+    def _global_batches(self, start: dict[str, int], in_worker: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]]:
+        """(b, tokens, grow, tpos, cursor after) for every global batch from ``start`` on."""
+        L, B = self.seq_len, self.batch_size
+        tok = np.empty(0, np.int32)
+        grow = np.empty(0, np.int64)
+        tpos = np.empty(0, np.int32)
+        b = start["batch"]
+        for chunk in self._chunks(start, in_worker):
+            tok = np.concatenate([tok, chunk.tokens])
+            grow = np.concatenate([grow, chunk.grow])
+            tpos = np.concatenate([tpos, chunk.tpos])
+            pos = 0
+            piece_starts = np.flatnonzero(tpos % L == 0) if self.packing == "pad" else None
+            while True:
+                if self.packing == "pack":
+                    end = pos + B * L
+                else:
+                    k = int(np.searchsorted(piece_starts, pos, side="right")) + B - 1
+                    end = int(piece_starts[k]) if k < len(piece_starts) else len(tok)
+                if end >= len(tok):  # the token after the batch gives the cursor; wait for it
+                    break
+                yield b, tok[pos:end], grow[pos:end], tpos[pos:end], self._cursor(grow[end], tpos[end])
+                b += 1
+                pos = end
+            tok, grow, tpos = tok[pos:], grow[pos:], tpos[pos:]
+        while len(tok):  # a finite stream's tail: the last, shorter batch(es)
+            if self.packing == "pack":
+                end = min(len(tok), B * L)
+            else:
+                piece_starts = np.flatnonzero(tpos % L == 0)
+                end = int(piece_starts[B]) if B < len(piece_starts) else len(tok)
+            yield b, tok[:end], grow[:end], tpos[:end], dict(END)
+            b += 1
+            tok, grow, tpos = tok[end:], grow[end:], tpos[end:]
+
+    def _materialize(self, tok: np.ndarray, grow: np.ndarray, tpos: np.ndarray) -> dict[str, torch.Tensor]:
+        L = self.seq_len
+        positions_flat = grow % self.source.rows
+        if self.packing == "pack":
+            n = len(tok)
+            rows = -(-n // L)
+            ids = np.full(rows * L, self.encoder.pad, np.int64)
+            pos = np.full(rows * L, -1, np.int64)
+            ids[:n] = tok
+            pos[:n] = positions_flat
+        else:
+            starts = np.flatnonzero(tpos % L == 0)
+            rows = len(starts)
+            ids = np.full(rows * L, self.encoder.pad, np.int64)
+            pos = np.full(rows * L, -1, np.int64)
+            # Token i goes to row (its piece) and column (its index inside the piece).
+            piece = np.searchsorted(starts, np.arange(len(tok)), side="right") - 1
+            slots = piece * L + (tpos % L)
+            ids[slots] = tok
+            pos[slots] = positions_flat
+        ids = ids.reshape(rows, L)
+        pos = pos.reshape(rows, L)
+        mask = pos >= 0
+        labels = np.where(mask, ids, -100)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "labels": torch.from_numpy(labels),
+            "positions": torch.from_numpy(pos),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        in_worker = info is not None
+        dl_worker, dl_workers = (info.id, info.num_workers) if in_worker else (0, 1)
+        start = dict(self._state)
+        if self.packing == "pad" and start["offset"] % self.seq_len:
+            raise CurriculumError(f"loader state offset {start['offset']} is not a multiple of seq_len "
+                                  f"{self.seq_len}: it was saved with other packing settings")
+        world, rank = self.world_size, self.rank
+        pending = None  # this rank's batch of the current round, if this worker yields it
+        local = 0  # this rank's batches so far
+        for b, tok, grow, tpos, after in self._global_batches(start, in_worker):
+            if b % world == rank:
+                pending = (b, tok, grow, tpos) if local % dl_workers == dl_worker else None
+                local += 1
+            if b % world != world - 1:
+                continue  # the state after our batch is the start of the next round
+            state = {**after, "batch": b + 1}
+            if not in_worker:
+                self._state = dict(state)
+            if pending is not None:
+                batch = self._materialize(*pending[1:])
+                batch["index"] = pending[0]
+                batch["state"] = state
+                pending = None
+                yield batch
+        if pending is not None:  # a finite stream that ended in the middle of a round
+            batch = self._materialize(*pending[1:])
+            batch["index"] = pending[0]
+            batch["state"] = {**END, "batch": -1}
+            yield batch

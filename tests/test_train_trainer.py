@@ -1,0 +1,272 @@
+"""`curriculum train` end to end on a real run folder: outputs, exact resume after SIGKILL,
+two Ray Train workers in curriculum order, config errors, presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from pipeline.train.schedules import lr_at, make_schedule
+from tests.test_train_loader import RUN_CONFIG, build_run_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TRAIN = {
+    "model": {"config": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}},
+    "tokenizer_vocab_size": 400,
+    "tokenizer_sample_docs": 120,
+    "seq_len": 32,
+    "batch_size": 8,
+    "grad_accum": 2,
+    "max_tokens": 40 * 8 * 32,  # 40 steps
+    "optimizer": {"lr": 0.003},
+    "schedule": {"kind": "wsd", "warmup": 4, "decay_fraction": 0.3, "decay_shape": "1-sqrt", "final_lr_ratio": 0.333},
+    "averaging": {"method": "ema", "last_k": 3, "alpha": 0.2, "every": 5},
+    "eval": {"every": 10, "max_tokens": 512, "sets": {"clean": {"synthetic": {"docs": 20, "min_quality": 0.7}}}},
+    "log_every": 1,
+    "threads": 1,
+    "trace": True,
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Path:
+    return build_run_folder(tmp_path_factory, ray_address)
+
+
+def _config_file(folder: Path, train: dict, name: str = "train.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump({**RUN_CONFIG, "train": train}, sort_keys=False))
+    return path
+
+
+def _train_cmd(config: Path, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", str(config), "--data", str(data), "--out", str(out)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An uninterrupted `curriculum train` (subprocess): (config, OUT)."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = _config_file(folder, TRAIN)
+    out = folder / "out"
+    done = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_outputs_follow_the_contract(reference: tuple[Path, Path]):
+    from transformers import AutoModelForCausalLM
+
+    _, out = reference
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert all({"step", "tokens", "lr", "train_loss"} <= set(r) for r in rows)
+    assert [r["tokens"] for r in rows] == [256 * s for s in range(1, 41)]
+    schedule = make_schedule("wsd", 0.003, total=40, warmup=4, decay_fraction=0.3, decay_shape="1-sqrt",
+                             final_lr_ratio=0.333)
+    assert [r["lr"] for r in rows] == [lr_at(s - 1, schedule) for s in range(1, 41)]
+    assert [r["step"] for r in rows if "eval_clean" in r] == [10, 20, 30, 40]
+    assert np.mean([r["train_loss"] for r in rows[-5:]]) < rows[0]["train_loss"] - 0.3  # it learns
+    assert all(rows[i]["position"] >= rows[i - 1]["position"] for i in range(1, 40))  # marches through the curriculum
+
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-0000030", "step-0000035", "step-0000040"]  # last_k=3 on the grid (+ the newest)
+    state = json.loads((out / "checkpoints" / "step-0000040" / "state.json").read_text())
+    assert state["step"] == 40 and set(state["loader"]) == {"epoch", "row", "offset", "batch"}
+    assert state["loader"]["batch"] == 40 * 2  # 40 steps x grad_accum 2 micro-batches
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["eval_clean"] == pytest.approx(rows[-1]["eval_clean"], rel=1e-6)
+    averaging = json.loads((out / "averaged" / "averaging.json").read_text())
+    assert averaging["steps"] == [30, 35, 40] and averaging["method"] == "ema"
+    assert averaging["weights"] == pytest.approx([0.04 / 1.24, 0.2 / 1.24, 1 / 1.24])
+    assert set(summary["averaged"]) == {"eval_clean"} and np.isfinite(summary["averaged"]["eval_clean"])
+
+    for name in ("final", "averaged"):
+        model = AutoModelForCausalLM.from_pretrained(str(out / name))
+        assert model.config.n_embd == 32
+    final = load_file(str(out / "final" / "model.safetensors"))
+    last = load_file(str(out / "checkpoints" / "step-0000040" / "model.safetensors"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    averaged = load_file(str(out / "averaged" / "model.safetensors"))
+    ckpts = [load_file(str(out / "checkpoints" / f"step-{s:07d}" / "model.safetensors")) for s in (30, 35, 40)]
+    key = "transformer.h.0.mlp.c_fc.weight"
+    expected = sum(w * c[key].double() for w, c in zip(averaging["weights"], ckpts))
+    assert torch.allclose(averaged[key].double(), expected, atol=1e-6)
+
+
+def test_exact_resume_after_sigkill(reference: tuple[Path, Path], run_dir: Path, tmp_path: Path):
+    config, ref_out = reference
+    out = tmp_path / "killed"
+    seed = int(os.environ.get("TRAIN_KILL_SEED", random.SystemRandom().randrange(10**6)))
+    kill_after = random.Random(seed).randint(6, 33)  # a metrics line past the first checkpoint (step 5)
+    proc = subprocess.Popen(_train_cmd(config, run_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env(), text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.read_text().count("\n") >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"(seed {seed}) the run was not killed: {proc.stderr.read()[-2000:]}"
+    assert not (out / "summary.json").exists()
+
+    resumed = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step-" in resumed.stderr, f"(seed {seed}, killed after line {kill_after})"
+    # Every metrics line, the ones rewritten after the resume point included, is identical.
+    assert (out / "metrics.jsonl").read_text() == (ref_out / "metrics.jsonl").read_text(), f"seed {seed}"
+    assert (out / "trace" / "rank-0.jsonl").read_text() == (ref_out / "trace" / "rank-0.jsonl").read_text()
+    for name in ("final", "averaged"):
+        a = load_file(str(out / name / "model.safetensors"))
+        b = load_file(str(ref_out / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ (seed {seed})"
+    s1 = json.loads((out / "summary.json").read_text())
+    s2 = json.loads((ref_out / "summary.json").read_text())
+    assert s1["final"] == s2["final"] and s1["averaged"] == s2["averaged"]
+
+
+def test_changed_config_does_not_resume_old_checkpoints(reference: tuple[Path, Path], run_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    config, out = reference
+    before = (out / "metrics.jsonl").read_text()
+    code = main(["train", str(config), "--data", str(run_dir), "--out", str(out), "--set", "train.optimizer.lr=0.01"])
+    assert code == 2
+    assert "use a new --out" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_config_errors_exit_2_and_write_nothing(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    config = _config_file(tmp_path, TRAIN)
+    out = tmp_path / "out"
+    cases = [
+        (["--set", "train.schedule.decay_shap=linear"], "train.schedule.decay_shap: unknown key"),
+        (["--set", "train.optimiser.lr=1"], "train.optimiser: unknown key"),
+        (["--set", "train.batch_size=7"], "must be a multiple of workers * grad_accum"),
+        (["--set", "train.schedule.decay_shape=exp"], "train.schedule.decay_shape"),
+        (["--set", "train.eval.sets.x=/nowhere.jsonl"], "train.eval.sets.x"),
+    ]
+    for extra, message in cases:
+        assert main(["train", str(config), "--data", str(run_dir), "--out", str(out), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", str(config), "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_ray_train_workers_read_the_curriculum_in_order_once_per_epoch(run_dir: Path, tmp_path: Path,
+                                                                           ray_address: str):
+    from transformers import AutoTokenizer
+
+    from pipeline.config import validate_config
+    from pipeline.train.trainer import run_training
+
+    steps, batch = 26, 64  # a little over one epoch of the 240 documents (~85k tokens)
+    train = {**TRAIN, "workers": 2, "grad_accum": 1, "seq_len": 64, "batch_size": batch,
+             "max_tokens": steps * batch * 64, "tokenizer_vocab_size": 1000,
+             "averaging": {"method": "sma", "last_k": 2, "every": 13}, "eval": {"every": 100, "sets": {}}}
+    config = validate_config({**RUN_CONFIG, "train": train})
+    out = tmp_path / "ray"
+    summary = run_training(config, run_dir, out, ray_address=ray_address, log=lambda m: None)
+    assert summary["workers"] == 2 and summary["steps"] == steps
+
+    traces = {r: [json.loads(x) for x in (out / "trace" / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert len(traces[0]) == len(traces[1]) == steps
+    batches = sorted((t for r in (0, 1) for t in traces[r]), key=lambda t: t["batch"])
+    assert [t["batch"] for t in batches] == list(range(2 * steps))  # every global batch once
+    assert all(t["batch"] % 2 == r for r in (0, 1) for t in traces[r])  # rank r: every other batch
+    assert all(t["step"] == t["batch"] // 2 + 1 for t in batches)
+
+    # The global stream of (position, tokens) runs, merged across ranks, is the curriculum.
+    stream: list[list[int]] = []
+    for t in batches:
+        for position, count in t["runs"]:
+            if stream and stream[-1][0] == position:
+                stream[-1][1] += count
+            else:
+                stream.append([position, count])
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    table = pads.dataset(str(run_dir / "shards")).to_table(columns=["text", "position"]).sort_by("position")
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in table["text"].to_pylist()]
+    n = len(lengths)
+    assert len(stream) > n, "the run should go past one epoch"
+    assert [p for p, _ in stream[:n]] == list(range(n))  # order: positions 0 … N−1
+    assert [c for _, c in stream[:n]] == lengths  # each document's tokens exactly once
+    assert stream[n][0] == 0  # the next epoch starts over at position 0
+    state = json.loads((out / "checkpoints" / f"step-{steps:07d}" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["loader"]["batch"] == 2 * steps
+    rows = _metrics(out)
+    assert rows[-1]["step"] == steps and rows[-1]["tokens"] == steps * batch * 64
+
+
+@pytest.mark.parametrize("preset", ["baseline", "cma", "cdma"])
+def test_presets_match_the_paper_settings(preset: str):
+    from pipeline.config import load_config
+    from pipeline.train.config import TrainConfig
+
+    config = load_config(ROOT / "configs" / f"{preset}.yaml")
+    train = TrainConfig.model_validate(config.train)
+    order = config.stages[-1]
+    if preset == "baseline":
+        assert order.method == "random"
+        assert (train.schedule.kind, train.schedule.final_lr_ratio) == ("wsd", pytest.approx(1 / 300))
+        assert train.averaging.method == "none"
+    else:
+        assert (order.method, order.direction) == ("sort", "ascending")
+    if preset == "cma":
+        assert train.schedule.kind == "constant"
+        assert (train.averaging.method, train.averaging.last_k) == ("sma", 6)
+    if preset == "cdma":
+        s = train.schedule
+        assert (s.kind, s.decay_shape, s.final_lr_ratio) == ("wsd", "1-sqrt", pytest.approx(1 / 3, abs=1e-3))
+        assert (train.averaging.method, train.averaging.alpha, train.averaging.last_k) == ("ema", 0.2, 6)
+
+
+def test_tokenizer_comes_from_the_runs_reference_lm(run_dir: Path, tmp_path: Path):
+    import shutil
+
+    from pipeline.config import validate_config
+    from pipeline.lm import train_bpe_tokenizer
+    from pipeline.train.trainer import plan_training, resolve_tokenizer
+
+    data = tmp_path / "run"
+    shutil.copytree(run_dir / "shards", data / "shards")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    reference = train_bpe_tokenizer(["alpha beta gamma delta"] * 20, vocab_size=300)
+    reference.save_pretrained(data / "stages" / "ref")  # where the perplexity stage keeps its reference LM
+    manifest["artifacts"] = {"reference_lm": "stages/ref"}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    plan = plan_training(validate_config({**RUN_CONFIG, "train": TRAIN}), data, tmp_path / "out")
+    tokenizer, source = resolve_tokenizer(plan, log=lambda m: None)
+    assert source == "reference LM stages/ref"
+    assert tokenizer.get_vocab() == reference.get_vocab()
