@@ -209,13 +209,9 @@ def _derived(table: pa.Table, seed: int, salt: str, streams: int) -> list[np.nda
 
 
 def distributed_sort(ds: ray.data.Dataset, keys: list[str], descending: bool | list[bool] = False) -> ray.data.Dataset:
-    """Ray's distributed sort, with the pull-based sort shuffle.
-
-    Ray 2.60's default shuffle (``shuffle_v2``) starts pools of actors for every sort: on 2
-    busy cores it took ~10 s to sort 300 rows against 0.2 s for ``sort_shuffle_pull_based``,
-    which also sorted 1M rows (700 MB) faster (9.5 s against 11.4 s). The setting goes on this
-    dataset's own context (Ray copies the global one when a dataset is read), never the global.
-    """
+    """Ray's distributed sort with the pull-based sort shuffle (see
+    ``pipeline.runner.pipeline_data_context``; set here too, on this dataset's own context, so
+    the stage is as fast when a notebook calls it outside a run)."""
     if ds.context is not DataContext.get_current():
         ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return ds.sort(keys, descending=descending)
