@@ -32,6 +32,15 @@ from pipeline.config import sha256_json
 SUCCESS = "_SUCCESS.json"
 
 
+def stage_spec(stage: Any, seed: int) -> dict[str, Any]:
+    """What a stage's output depends on besides its input rows: its params, the seed, the code
+    versions and ``stage.cache_inputs()`` (e.g. the files its params name)."""
+    import pipeline
+
+    return {"stage": stage.name, "params": stage.params.model_dump(mode="json"), "seed": seed,
+            "stage_version": stage.version, "inputs": stage.cache_inputs(), "version": pipeline.__version__}
+
+
 def stage_key(upstream: str, spec: dict[str, Any]) -> str:
     return sha256_json({"upstream": upstream, **spec})
 

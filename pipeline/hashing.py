@@ -8,6 +8,7 @@ these helpers, so the same rows give the same result whatever the parallelism.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Iterable
 
 import numpy as np
@@ -33,3 +34,38 @@ def hash64(ids: Iterable[str], seed: int, salt: str = "") -> np.ndarray:
 def uniform(ids: Iterable[str], seed: int, salt: str = "") -> np.ndarray:
     """A seeded number in [0, 1) per id, the same wherever and in whatever batch it is computed."""
     return hash64(ids, seed, salt).astype(np.float64) / (_TWO_64 / 2)
+
+
+def bottom_k(texts: Iterable[str], k: int, seed: int, salt: str, max_chars: int) -> tuple[list[tuple[str, str]], int]:
+    """The ``k`` distinct texts with the smallest seeded hash of their content id, and how many were read.
+
+    Returns (content id, text cut to ``max_chars``) in hash order. A streaming bottom-k: memory is
+    O(k) whatever the length of the stream, and the result does not depend on the stream's order,
+    so a trusted set can be sampled without reading it into memory.
+    """
+    heap: list[tuple[int, str, str]] = []  # a max-heap of the k smallest hashes, through negated keys
+    members: set[str] = set()
+    read = 0
+    chunk: list[str] = []
+
+    def push(batch: list[str]) -> None:
+        ids = [content_id(text) for text in batch]
+        for key, doc_id, text in zip(hash64(ids, seed, salt), ids, batch):
+            if doc_id in members:
+                continue
+            item = (-int(key), doc_id, text[:max_chars])
+            if len(heap) < k:
+                heapq.heappush(heap, item)
+                members.add(doc_id)
+            elif item > heap[0]:
+                members.discard(heapq.heapreplace(heap, item)[1])
+                members.add(doc_id)
+
+    for text in texts:
+        read += 1
+        chunk.append(text)
+        if len(chunk) >= 4096:
+            push(chunk)
+            chunk = []
+    push(chunk)
+    return [(doc_id, text) for _, doc_id, text in sorted(heap, reverse=True)], read

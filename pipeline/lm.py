@@ -62,15 +62,33 @@ def build_causal_lm(model_config: dict[str, Any], tokenizer, seed: int = 0):
 
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype: Any = None):
     """(model, tokenizer) from a hub name or a local HF folder, with a clear error if unreachable."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    return _load_pretrained(AutoModelForCausalLM, name_or_path, trust_remote_code, dtype)
+
+
+def load_sequence_classifier(name_or_path: str, trust_remote_code: bool = False, dtype: Any = None):
+    """(model, tokenizer) of a sequence-classification model (hub name or local HF folder)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = _load_pretrained(AutoModelForSequenceClassification, name_or_path, trust_remote_code, dtype,
+                                        kind=" as a sequence classifier")
+    if getattr(model.config, "pad_token_id", None) is None:  # padded batches need it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_pretrained(auto_class: Any, name_or_path: str, trust_remote_code: bool, dtype: Any, kind: str = ""):
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=None
-        )
+        # use_safetensors=None: safetensors when the repo has them; a .bin goes through
+        # transformers' torch.load(weights_only=True).
+        model = auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                           use_safetensors=None)
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, HTTP errors...
-        raise _load_error(name_or_path, exc) from None
+        raise _load_error(name_or_path, exc, kind) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -86,10 +104,10 @@ def load_lm_config(name_or_path: str, trust_remote_code: bool = False):
         raise _load_error(name_or_path, exc) from None
 
 
-def _load_error(name_or_path: str, exc: Exception) -> ModelLoadError:
+def _load_error(name_or_path: str, exc: Exception, kind: str = "") -> ModelLoadError:
     where = "local folder" if Path(name_or_path).exists() else "hub model"
     return ModelLoadError(
-        f"cannot load {where} {name_or_path!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+        f"cannot load {where} {name_or_path!r}{kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
         "Without network access, give a local path in Hugging Face layout."
     )
 

@@ -19,13 +19,12 @@ import numpy as np
 import polars as pl
 
 from pipeline.manifest import read_manifest
+from stages.combine import RECIPE
 
 MAX_POINTS = 200_000
-# Signals and their direction (True: higher is better); used to orient correlations.
-SIGNAL_DIRECTIONS = {
-    "quality": True, "quality_clf": True, "ppl": False, "nll": False, "alpha_ratio": True,
-    "symbol_ratio": False, "dup_line_ratio": False, "top_2gram_ratio": False, "dup_5gram_ratio": False,
-}
+# Signals and their direction (True: higher is better), from the combine stage's recipe, so the
+# report orients correlations exactly as the composite score does.
+SIGNAL_DIRECTIONS = {"quality": True, **{column: higher for column, (higher, _w, _g) in RECIPE.items()}, "nll": False}
 _SKIP_HIST = {"position"}
 
 

@@ -23,7 +23,7 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 
 import pipeline
-from pipeline.cache import StageCache, stage_key
+from pipeline.cache import StageCache, stage_key, stage_spec
 from pipeline.config import Config, expand_input_paths, sha256_json
 from pipeline.errors import CurriculumError, StageError
 from pipeline.ingest import ingest
@@ -150,8 +150,7 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     order_info: dict[str, Any] | None = None
     for index, stage in enumerate(stage_objects, start=1):
-        spec = {"stage": stage.name, "params": stage.params.model_dump(mode="json"), "seed": seed,
-                "stage_version": stage.version, "version": pipeline.__version__}
+        spec = stage_spec(stage, seed)
         key = stage_key(upstream_key, spec)
         folder = cache.folder(index, stage.name, key)
         record = cache.record(folder)

@@ -80,6 +80,11 @@ class Stage:
     def resources(self) -> Resources:
         return Resources()
 
+    def cache_inputs(self) -> object:
+        """What else the stage's output depends on, beyond its params (e.g. the size and mtime of
+        files the params name). It goes into the stage's cache key, so editing them reruns it."""
+        return None
+
     def requires(self) -> list[str]:
         """Columns that must exist upstream; checked before any stage runs."""
         return []

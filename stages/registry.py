@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from stages.base import Stage
+from stages.combine import CombineStage
 from stages.order import OrderStage
+from stages.perplexity import PerplexityStage
 from stages.quality import QualityStage
+from stages.quality_classifier import QualityClassifierStage
+from stages.select_perplexity import SelectPerplexityStage
 
-_STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (QualityStage, OrderStage)}
+_STAGES: dict[str, type[Stage]] = {
+    cls.name: cls
+    for cls in (QualityStage, PerplexityStage, SelectPerplexityStage, QualityClassifierStage, CombineStage, OrderStage)
+}
 
 
 def get_stage_class(name: str) -> type[Stage] | None:

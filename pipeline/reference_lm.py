@@ -1,0 +1,308 @@
+"""The reference LM: a BPE tokenizer and a small causal LM trained on a bounded reference sample.
+
+Perplexity under a small reference model trained on (part of) the corpus is the scoring model of
+Ankner et al. (ICLR 2025, "Perplexed by Perplexity"); CCNet instead trains on a trusted set
+(Wikipedia). Both are supported by the perplexity stage, which draws the sample; this module
+only trains and saves.
+
+Choices (METHODS.md §1 leaves them open):
+
+- The sample is bounded (``max_docs`` documents, each cut to ``max_chars``) and is given here
+  already sorted by id hash, so the result does not depend on Ray's block layout.
+- The LM is a GPT-2 style config of ~1-2 M parameters (CPU-friendly: about a minute on two
+  cores). Documents are joined with EOS and packed into ``seq_len`` chunks; training runs a
+  fixed number of ``steps`` (never a time limit, which would not be reproducible) with AdamW and
+  a warmup + cosine schedule.
+- Training is deterministic: seeded, on CPU, ``torch.use_deterministic_algorithms``, and a fixed
+  number of torch threads (``threads``), because a different thread count may split float
+  reductions differently.
+- Tokenizer and model are saved in Hugging Face layout (safetensors) with a ``reference.json``
+  that records the spec, the sample and the training curve; it is written last, so its
+  presence marks a complete artifact that a rerun with the same spec reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import sha256_json
+from pipeline.lm import build_causal_lm, train_bpe_tokenizer
+
+DONE = "reference.json"
+
+
+class ReferenceLMSpec(BaseModel):
+    """How to train the reference LM (the ``reference:`` section of the perplexity stage)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    max_docs: int = Field(20_000, ge=1, description="Most documents in the training sample (drawn by id hash).")
+    max_chars: int = Field(4_000, ge=16, description="Each sampled document is cut to this many characters.")
+    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size (including 256 byte symbols).")
+    min_frequency: int = Field(2, ge=1)
+    model: dict[str, Any] = Field(
+        default_factory=lambda: {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4},
+        description="A transformers config; n_positions / max_position_embeddings is set to the stage's max_length.",
+    )
+    seq_len: int = Field(128, ge=8, description="Training chunk length in tokens.")
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(300, ge=1, description="Optimizer steps (fixed, so training is reproducible).")
+    lr: float = Field(3e-3, gt=0)
+    warmup: float = Field(0.05, ge=0, lt=1, description="Fraction of the steps with a linear warmup.")
+    weight_decay: float = Field(0.1, ge=0)
+    threads: int = Field(2, ge=1, description="Torch threads while training; fixed so the weights are reproducible.")
+
+
+def existing_reference(folder: Path, key: str) -> dict[str, Any] | None:
+    """The record of a complete reference LM in ``folder`` trained with ``key``, or None."""
+    marker = folder / DONE
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    return record if record.get("key") == key else None
+
+
+def _position_key(model_type: str) -> str:
+    from transformers import AutoConfig
+
+    probe = AutoConfig.for_model(model_type)
+    return "n_positions" if hasattr(probe, "n_positions") else "max_position_embeddings"
+
+
+def _lr_at(step: int, spec: ReferenceLMSpec) -> float:
+    warmup = max(1, int(spec.warmup * spec.steps))
+    if step < warmup:
+        return spec.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, spec.steps - warmup)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_reference_lm(texts: list[str], folder: Path, spec: ReferenceLMSpec, max_length: int, seed: int,
+                       key: str, sample_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train tokenizer + LM on ``texts`` (already in a canonical order) and save them in ``folder``.
+
+    Returns the record written to ``folder/reference.json``. Deterministic for the same inputs.
+    """
+    import numpy as np
+    import torch
+
+    started = time.time()
+    texts = [t[: spec.max_chars] for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("the reference sample has no text to train on")
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency)
+    model_config = dict(spec.model)
+    model_config.setdefault(_position_key(str(model_config.get("model_type", "gpt2"))), max_length)
+
+    # training chunks must fit the model's context, which is the stage's max_length
+    spec = spec.model_copy(update={"seq_len": min(spec.seq_len, max_length)})
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(spec.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        model = build_causal_lm(model_config, tokenizer, seed=seed)
+        ids = _pack(tokenizer, texts)
+        curve = _train(model, ids, spec, seed)
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.eval()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    record = {
+        "key": key,
+        "spec": spec.model_dump(mode="json"),
+        "model_config": model_config,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "sample": {"docs": len(texts), "chars": int(sum(len(t) for t in texts)), "tokens": int(len(ids)),
+                   **(sample_info or {})},
+        "train": {"tokens_seen": spec.steps * spec.batch_size * spec.seq_len,
+                  "epochs": round(spec.steps * spec.batch_size * spec.seq_len / max(1, len(ids)), 3),
+                  "loss_first": curve[0], "loss_last": float(np.mean(curve[-20:])),
+                  "curve": curve[:: max(1, len(curve) // 40)]},
+        "seconds": round(time.time() - started, 2),
+    }
+    (tmp / DONE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return record
+
+
+def _pack(tokenizer, texts: list[str]):
+    """All sample texts as one token stream, each document followed by EOS."""
+    import numpy as np
+
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for doc in encoded for t in (*doc, eos)), dtype=np.int64)
+    return stream
+
+
+def _train(model, stream, spec: ReferenceLMSpec, seed: int) -> list[float]:
+    """Plain AdamW on random seq_len windows of the packed stream; returns the loss per step."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    n = len(stream) - spec.seq_len - 1
+    if n < 1:  # a tiny sample: repeat it until one chunk fits
+        reps = (spec.seq_len + 2) // max(1, len(stream)) + 1
+        stream = np.tile(stream, reps)
+        n = len(stream) - spec.seq_len - 1
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "ln" in name or "norm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=(0.9, 0.95),
+    )
+    data = torch.from_numpy(stream)
+    offsets = torch.arange(spec.seq_len + 1)
+    model.train()
+    curve: list[float] = []
+    for step in range(spec.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        starts = torch.from_numpy(rng.integers(0, n, size=spec.batch_size))
+        chunk = data[starts[:, None] + offsets]
+        logits = model(input_ids=chunk[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        curve.append(round(float(loss.detach()), 4))
+    model.eval()
+    return curve
+
+
+# --------------------------------------------------------------------------- the reference sample
+
+HALF_SALT = "perplexity.reference_half"  # held_out split: rows with uniform(id) < 0.5 train, the rest are scored
+_SAMPLE_SALT = "perplexity.reference_sample"
+
+
+def _tag_sample(table, seed: int, rate: float, max_chars: int, half: bool):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.hashing import uniform
+
+    ids = table["id"].to_pylist()
+    u = uniform(ids, seed, _SAMPLE_SALT)
+    keep = u < rate
+    if half:
+        keep &= uniform(ids, seed, HALF_SALT) < 0.5
+    rows = np.flatnonzero(keep)
+    texts = table["text"].to_pylist()
+    return pa.table({"_u": pa.array(u[rows], pa.float64()), "id": pa.array([ids[i] for i in rows], pa.string()),
+                     "text": pa.array([(texts[i] or "")[:max_chars] for i in rows], pa.string())})
+
+
+def sample_input(ds, k: int, seed: int, max_chars: int, half: bool = False) -> list[tuple[str, str]]:
+    """At most ``k`` (id, text) rows of ``ds`` with the smallest seeded id hash, sorted by id.
+
+    Only rows whose hash falls under a rate a little above k/N reach the driver, so the driver
+    holds about 1.2 k truncated texts, never the corpus; the result does not depend on the
+    block layout. ``half`` restricts the draw to the training half of the held_out split.
+    """
+    n = ds.count()
+    if n == 0:
+        return []
+    rate = min(1.0, (1.2 * k + 32) / (n * (0.5 if half else 1.0)))
+    while True:
+        rows = ds.select_columns(["id", "text"]).map_batches(
+            _tag_sample, batch_format="pyarrow",
+            fn_kwargs={"seed": seed, "rate": rate, "max_chars": max_chars, "half": half},
+        ).take_all()
+        if len(rows) >= k or rate >= 1.0:
+            break
+        rate = min(1.0, rate * 2)  # an unlucky draw below k: widen (rare, and deterministic either way)
+    chosen = sorted(rows, key=lambda r: (r["_u"], r["id"]))[:k]
+    return sorted(((r["id"], r["text"]) for r in chosen), key=lambda r: r[0])
+
+
+def reference_files(path: str) -> list[str]:
+    """The jsonl / parquet files a ``reference_data`` path names (file, folder or glob), sorted."""
+    from pipeline.config import expand_input_paths
+
+    suffixes = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+    files = {*expand_input_paths(path, "jsonl"), *expand_input_paths(path, "parquet")}
+    return sorted(f for f in files if f.endswith(suffixes))
+
+
+def _file_texts(path: str, field: str):
+    import gzip
+
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        handle = pq.ParquetFile(path)
+        if field not in handle.schema_arrow.names:
+            raise ValueError(f"{path}: no column {field!r} (columns: {handle.schema_arrow.names})")
+        for batch in handle.iter_batches(batch_size=4096, columns=[field]):
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
+        return
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue  # trusted text is read leniently: a bad line is skipped, not fatal
+            text = record.get(field) if isinstance(record, dict) else None
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def sample_reference_data(path: str, field: str, k: int, seed: int, max_chars: int) -> tuple[list[tuple[str, str]], int]:
+    """A bounded sample of trusted text: the ``k`` documents with the smallest seeded content hash
+    (streaming, independent of file order), as (id, text) sorted by id, and how many were read."""
+    from pipeline.hashing import bottom_k
+
+    texts = (text for f in reference_files(path) for text in _file_texts(f, field))
+    sample, read = bottom_k(texts, k, seed, _SAMPLE_SALT, max_chars)
+    return sorted(sample), read
+
+
+def prepare_reference_lm(ds, params, ctx) -> tuple[Path, dict[str, Any]]:
+    """Train (or reuse) the reference LM for a perplexity stage; returns (folder, record).
+
+    ``params`` is the stage's PerplexityParams; ``ctx`` its StageContext. The folder is
+    ``ctx.artifact_dir/reference_lm``, which is keyed like the stage output.
+    """
+    spec: ReferenceLMSpec = params.reference
+    folder = Path(ctx.artifact_dir) / "reference_lm"
+    fingerprint: list[Any] = []
+    if params.reference_data is not None:
+        fingerprint = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in reference_files(params.reference_data)]
+    key = sha256_json({"spec": spec.model_dump(mode="json"), "max_length": params.max_length, "seed": ctx.seed,
+                       "split": params.split, "reference_data": params.reference_data,
+                       "reference_text_field": params.reference_text_field, "files": fingerprint})
+    record = existing_reference(folder, key)
+    if record is not None:
+        return folder, {**record, "reused": True}
+    if params.reference_data is not None:
+        rows, read = sample_reference_data(params.reference_data, params.reference_text_field, spec.max_docs,
+                                           ctx.seed, spec.max_chars)
+        source = {"source": "reference_data", "path": params.reference_data, "read": read}
+    else:
+        rows = sample_input(ds, spec.max_docs, ctx.seed, spec.max_chars, half=params.split == "held_out")
+        source = {"source": "input", "split": params.split}
+    if not rows:
+        raise ValueError("the reference sample is empty: no document with text to train the reference LM on")
+    source["ids_sha256"] = sha256_json([doc_id for doc_id, _ in rows])
+    record = train_reference_lm([text for _, text in rows], folder, spec, params.max_length, ctx.seed, key, source)
+    return folder, {**record, "reused": False}

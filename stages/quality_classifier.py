@@ -1,0 +1,488 @@
+"""DCLM-style quality classifier (Li et al., 2024, DataComp-LM §4.1.3): trusted text vs a random
+sample of the corpus, a hashed n-gram linear model -> ``quality_clf``; or any Hugging Face
+sequence-classification model by name (FineWeb-Edu style). METHODS.md §1b.
+
+**Trained classifier** (``positives:``). Positives are a trusted set (a jsonl / parquet / text
+file, folder or glob; a ``datasets`` dataset; or clean synthetic documents); negatives are a
+seeded, hashed random sample of the input itself, as DCLM does with RefinedWeb. Both are bounded
+by ``sample_size`` per class (a streaming bottom-k by a seeded hash, so memory never grows with
+the corpus), truncated to ``max_chars``, sorted and de-duplicated (a text in both sets is dropped
+from the negatives). Features are hashed word 1-2-grams (words and runs of symbols) plus
+character 3-5-grams (scikit-learn ``HashingVectorizer``: stateless, so the fitted model is just
+its weights), and the model is an L2 logistic regression with balanced class weights (lbfgs:
+deterministic). 10% of the training sample, chosen by hash, is held out to report an AUC.
+``quality_clf`` = P(looks like the trusted set) in [0, 1], computed per row with ``map_batches``.
+
+The weights are stored as ``classifier.npz`` (plain arrays, loaded with ``allow_pickle=False``)
+plus ``classifier.json`` (features, counts, AUC) in the stage's artifact folder; a rerun with the
+same params and the same positives reuses them. The positives' files (size, mtime) are part of
+the stage's cache key, so editing the trusted set retrains.
+
+**The pitfall.** Such a classifier learns "looks like the positives", not "is good". With
+positives from another domain it becomes a domain detector: measured here, a model trained on
+Python docs and fortunes against Debian prose ranked Debian prose *below* ascii-art and word
+salad (AUC 0.30). Positives must be the good part of the corpus's *own* domain; a holdout AUC
+near 1.0 is a warning sign, not a success. ``curriculum inspect`` warns when ``quality_clf``
+correlates negatively with the other signals.
+
+**Hub classifier** (``model:``). Any ``AutoModelForSequenceClassification`` (hub name or local
+path in HF layout) runs in a Ray actor pool (``concurrency`` actors, ``num_gpus`` each, bf16 on
+CUDA), documents sorted by length inside each batch and packed by ``max_tokens`` to cut padding.
+With two or more labels the score is the softmax probability of ``label`` (default: the last
+label); with one label (a regression head such as FineWeb-Edu's 0-5 scale) it is the raw output.
+Scores are rounded to 6 decimals so that a different batch composition (a different Ray block
+layout) cannot change the bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.config import expand_input_paths
+from pipeline.errors import ModelLoadError, StageError
+from pipeline.hashing import bottom_k, uniform
+from stages.base import Resources, Stage, StageContext, StageParams
+
+POSITIVES_SALT = "quality_classifier.positives"
+
+COLUMN = "quality_clf"
+_MODEL_FILE, _META_FILE = "classifier.npz", "classifier.json"
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+# Words, or runs of symbols: markup and ascii-art are signal here, so they are tokens too.
+_TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]+"
+
+
+# --------------------------------------------------------------------------- the trusted set
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HFPositives(_Strict):
+    name: str = Field(..., min_length=1, description="A datasets name on the hub, or a local folder.")
+    config: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | None = None
+    streaming: bool = True
+    trust_remote_code: bool = False
+
+
+class SyntheticPositives(_Strict):
+    """Clean documents of the graded synthetic corpus: the trusted set for synthetic runs."""
+
+    docs: int = Field(1000, ge=1, description="How many trusted documents to generate.")
+    min_quality: float = Field(0.8, ge=0.0, le=1.0, description="Keep generated documents with true_quality >= this.")
+    seed: int = Field(0, ge=0)
+    start: int = Field(10_000_000, ge=0, description="First generator index; far from the input's, so no overlap.")
+
+
+def _infer_format(path: str) -> Literal["jsonl", "parquet", "text"]:
+    if path.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if path.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+class Positives(_Strict):
+    """The trusted set: exactly one of ``path``, ``hf`` or ``synthetic``."""
+
+    path: str | None = Field(None, description="File, folder or glob of jsonl / parquet / plain-text files.")
+    format: Literal["jsonl", "parquet", "text"] | None = Field(
+        None, description="Inferred from the suffix: .jsonl[.gz]/.json -> jsonl, .parquet, anything else text "
+        "(documents separated by blank lines)."
+    )
+    text_field: str = "text"
+    hf: HFPositives | None = None
+    synthetic: SyntheticPositives | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source_that_has_text(self) -> "Positives":
+        given = [k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hf or synthetic (got {given or 'none'})")
+        if self.path is not None:
+            files = self.files()
+            if not files:
+                raise ValueError(f"positives file not found: {self.path!r} (resolved from {Path.cwd()})")
+            if next(iter(self.texts()), None) is None:
+                raise ValueError(f"positives file {self.path!r} is empty: no record with a non-empty "
+                                 f"{self.text_field!r} text ({len(files)} file(s) read)")
+        return self
+
+    def files(self) -> list[str]:
+        assert self.path is not None
+        fmt = self.format or _infer_format(self.path)
+        files = expand_input_paths(self.path, fmt)
+        if self.format is None and Path(self.path).is_dir():  # a folder: take what is in it, by suffix
+            tables = {*expand_input_paths(self.path, "jsonl"), *expand_input_paths(self.path, "parquet")}
+            files = sorted(tables) or files
+        return files
+
+    def fingerprint(self) -> list[Any]:
+        """What identifies the trusted set's content for the stage cache: files with size and mtime."""
+        if self.path is None:
+            return []
+        return [(f, (s := Path(f).stat()).st_size, s.st_mtime_ns) for f in self.files()]
+
+    def texts(self) -> Iterator[str]:
+        """Stream the trusted texts (non-empty strings only); never holds more than one batch."""
+        if self.synthetic is not None:
+            yield from _synthetic_texts(self.synthetic)
+        elif self.hf is not None:
+            yield from _hf_texts(self.hf, self.text_field)
+        else:
+            for f in self.files():
+                fmt = self.format or _infer_format(f)
+                reader = {"jsonl": _jsonl_texts, "parquet": _parquet_texts, "text": _plain_texts}[fmt]
+                yield from reader(f, self.text_field)
+
+
+def _usable(text: Any) -> bool:
+    return isinstance(text, str) and bool(text.strip())
+
+
+def _jsonl_texts(path: str, field: str) -> Iterator[str]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a trusted set is read leniently: bad lines are skipped, not quarantined
+            if isinstance(record, dict) and _usable(record.get(field)):
+                yield record[field]
+
+
+def _parquet_texts(path: str, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    if field not in handle.schema_arrow.names:
+        return
+    for batch in handle.iter_batches(batch_size=4096, columns=[field]):
+        yield from (t for t in batch.column(0).to_pylist() if _usable(t))
+
+
+def _plain_texts(path: str, field: str) -> Iterator[str]:
+    del field
+    paragraph: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                paragraph.append(line.rstrip("\n"))
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _hf_texts(spec: HFPositives, field: str) -> Iterator[str]:
+    from pipeline.readers import load_hf_dataset
+
+    for record in load_hf_dataset(spec.model_dump()):
+        if _usable(record.get(field)):
+            yield record[field]
+
+
+def _synthetic_texts(spec: SyntheticPositives) -> Iterator[str]:
+    from pipeline.synth import graded_document
+
+    found, index = 0, spec.start
+    while found < spec.docs:
+        doc = graded_document(index, spec.seed)
+        index += 1
+        if doc["true_quality"] >= spec.min_quality:
+            found += 1
+            yield doc["text"]
+
+
+# --------------------------------------------------------------------------- features + model
+
+
+class Features(_Strict):
+    """The hashed n-gram feature space: stateless, so a model is fully described by these + weights."""
+
+    word_ngrams: tuple[int, int] = Field((1, 2), description="Word n-gram range (words and runs of symbols).")
+    char_ngrams: tuple[int, int] | None = Field((3, 5), description="Character n-gram range; null disables them.")
+    n_features: int = Field(2**18, ge=2**10, le=2**24, description="Hash buckets per feature family.")
+    max_chars: int = Field(4000, ge=100, description="Only a document's first max_chars characters are featurized.")
+
+    @field_validator("word_ngrams", "char_ngrams")
+    @classmethod
+    def _range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not (1 <= value[0] <= value[1] <= 8):
+            raise ValueError(f"an n-gram range is [low, high] with 1 <= low <= high <= 8 (got {list(value)})")
+        return value
+
+    @property
+    def dim(self) -> int:
+        return self.n_features * (2 if self.char_ngrams else 1)
+
+    def transform(self, texts: list[str]):
+        """A CSR matrix, one l2-normalised row per text per feature family (rows are independent)."""
+        import scipy.sparse as sp
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        texts = [t[: self.max_chars] for t in texts]
+        word = HashingVectorizer(n_features=self.n_features, ngram_range=tuple(self.word_ngrams),
+                                 token_pattern=_TOKEN_PATTERN, alternate_sign=False, dtype=np.float64)
+        blocks = [word.transform(texts)]
+        if self.char_ngrams:
+            char = HashingVectorizer(n_features=self.n_features, analyzer="char_wb",
+                                     ngram_range=tuple(self.char_ngrams), alternate_sign=False, dtype=np.float64)
+            blocks.append(char.transform(texts))
+        return sp.hstack(blocks, format="csr")
+
+
+def fit_classifier(positives: list[str], negatives: list[str], features: Features, c: float, seed: int,
+                   holdout: float = 0.1) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """(coef, intercept, stats): logistic regression on hashed features, with a hashed holdout AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    texts = positives + negatives
+    labels = np.array([1] * len(positives) + [0] * len(negatives))
+    held = uniform(texts, seed, "quality_classifier.holdout") < holdout
+    fit_rows = ~held
+    stats: dict[str, Any] = {"n_fit": int(fit_rows.sum()), "n_holdout": int(held.sum()), "holdout_auc": None}
+    if len(set(labels[fit_rows])) < 2:  # a tiny set: the holdout took one class entirely; fit on all of it
+        fit_rows = np.ones_like(held)
+        stats.update(n_fit=len(texts), n_holdout=0)
+    x = features.transform(texts)
+    model = LogisticRegression(C=c, class_weight="balanced", solver="lbfgs", max_iter=2000)
+    model.fit(x[fit_rows], labels[fit_rows])
+    coef = model.coef_.ravel().astype(np.float64)
+    intercept = float(model.intercept_[0])
+    if held.any() and fit_rows.sum() < len(texts) and len(set(labels[held])) == 2:
+        stats["holdout_auc"] = round(float(roc_auc_score(labels[held], x[held] @ coef + intercept)), 4)
+    return coef, intercept, stats
+
+
+def predict_proba(texts: list[str], coef: np.ndarray, intercept: float, features: Features) -> np.ndarray:
+    """P(trusted) per text; each row's dot product uses only that row, so batching cannot change it."""
+    z = features.transform(texts) @ coef + intercept
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
+
+
+def _predict_batch(table: pa.Table, weights: Any, features: dict[str, Any]) -> pa.Table:
+    if isinstance(weights, ray.ObjectRef):
+        weights = ray.get(weights)
+    coef, intercept = weights
+    probs = predict_proba(table["text"].to_pylist(), coef, intercept, Features(**features))
+    if COLUMN in table.column_names:
+        table = table.drop_columns([COLUMN])
+    return table.append_column(COLUMN, pa.array(probs, pa.float64()))
+
+
+# --------------------------------------------------------------------------- hub classifiers
+
+
+def resolve_label(config: Any, label: int | str | None) -> int | None:
+    """The output index whose probability is the score; None for a one-output regression head."""
+    n = int(getattr(config, "num_labels", 1))
+    if n == 1:
+        return None
+    if label is None:
+        return n - 1
+    if isinstance(label, int):
+        if not 0 <= label < n:
+            raise ModelLoadError(f"quality_classifier: label {label} is out of range for a model with {n} labels")
+        return label
+    names = {str(v): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if label not in names:
+        raise ModelLoadError(f"quality_classifier: label {label!r} is not one of the model's labels {sorted(names)}")
+    return names[label]
+
+
+class SequenceClassifierScorer:
+    """A Ray actor: loads the model once, then scores batches of documents, length-sorted."""
+
+    def __init__(self, model: str, label: int | str | None, max_length: int, max_tokens: int, device: str,
+                 trust_remote_code: bool) -> None:
+        import torch
+
+        from pipeline.lm import compute_dtype, load_sequence_classifier, resolve_device
+
+        if resolve_device(device) == "cpu":
+            # Share the node's cores between actors instead of oversubscribing them.
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                torch.set_num_threads(max(1, int(cpus)))
+        self.device = resolve_device(device)
+        self.model, self.tokenizer = load_sequence_classifier(model, trust_remote_code, compute_dtype(self.device))
+        self.model.to(self.device).eval()
+        self.index = resolve_label(self.model.config, label)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        # Never past the model's context (transformers uses a huge sentinel when it is unknown).
+        self.max_length = min(max_length, limit) if isinstance(limit, int) and limit < 1_000_000 else max_length
+        self.max_tokens = max_tokens
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
+        scores = np.zeros(len(texts), dtype=np.float64)
+        start = 0
+        with torch.inference_mode():
+            while start < len(order):
+                # Pack similar lengths up to max_tokens (padded) per forward pass.
+                end = start + 1
+                while end < len(order) and len(encoded[order[end]]) * (end - start + 1) <= self.max_tokens:
+                    end += 1
+                rows = order[start:end]
+                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float()
+                values = logits[:, 0] if self.index is None else torch.softmax(logits, dim=-1)[:, self.index]
+                scores[rows] = values.cpu().numpy()
+                start = end
+        return np.round(scores, 6)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        scores = self.score(table["text"].to_pylist()) if table.num_rows else np.zeros(0)
+        if COLUMN in table.column_names:
+            table = table.drop_columns([COLUMN])
+        return table.append_column(COLUMN, pa.array(scores, pa.float64()))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class QualityClassifierParams(StageParams):
+    name: Literal["quality_classifier"] = "quality_classifier"
+    positives: Positives | None = Field(
+        None, description="The trusted set (a path, or {path|hf|synthetic, text_field}); trains the DCLM-style model."
+    )
+    model: str | None = Field(
+        None, description="Instead of training: a HF sequence-classification model (hub name or path).")
+    sample_size: int = Field(20_000, ge=2, description="At most this many training documents per class.")
+    features: Features = Features()
+    C: float = Field(1.0, gt=0, description="Inverse L2 regularisation strength of the logistic regression.")
+    seed: int | None = Field(None, ge=0, description="Seeds the negative sample and the holdout; defaults to run.seed.")
+    batch_size: int = Field(1024, ge=1, description="Documents per map_batches call.")
+    # hub classifiers
+    label: int | str | None = Field(
+        None, description="model: the label whose probability is the score (default: the last).")
+    max_length: int = Field(512, ge=8, description="model: tokens per document (longer ones are truncated).")
+    max_tokens: int = Field(16_384, ge=8, description="model: padded tokens per forward pass.")
+    concurrency: int | None = Field(None, ge=1, description="model: actors; default one per GPU, else 1.")
+    num_gpus: float = Field(0.0, ge=0, description="model: GPUs per actor.")
+    device: str = Field("auto", description="model: auto | cpu | cuda[:N].")
+    trust_remote_code: bool = False
+
+    @field_validator("positives", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "QualityClassifierParams":
+        if (self.positives is None) == (self.model is None):
+            raise ValueError("give either positives (a trusted set to train on) or model (a HF sequence classifier), "
+                             "not both or neither")
+        return self
+
+
+class QualityClassifierStage(Stage):
+    name: ClassVar[str] = "quality_classifier"
+    Params = QualityClassifierParams
+    columns: ClassVar[tuple[str, ...]] = (COLUMN,)
+
+    def cache_inputs(self) -> object:
+        # The trusted set's files are part of the cache key: editing them must retrain.
+        return self.params.positives.fingerprint() if self.params.positives is not None else None
+
+    def resources(self) -> Resources:
+        return Resources(num_cpus=1.0, num_gpus=self.params.num_gpus if self.params.model else 0.0)
+
+    def apply(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
+        if self.params.model is not None:
+            return self._apply_hub(ds, ctx)
+        return self._apply_trained(ds, ctx)
+
+    # ---- DCLM-style
+    def _apply_trained(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
+        p = self.params
+        assert p.positives is not None
+        seed = ctx.seed if p.seed is None else p.seed
+        ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
+        meta_path, model_path = ctx.artifact_dir / _META_FILE, ctx.artifact_dir / _MODEL_FILE
+        identity = {"params": p.model_dump(mode="json"), "seed": seed, "positives": p.positives.fingerprint()}
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() and model_path.is_file() else None
+        if meta is not None and meta.get("identity") == identity:
+            with np.load(model_path, allow_pickle=False) as saved:
+                coef, intercept = saved["coef"], float(saved["intercept"][0])
+            reused = True
+        else:
+            t0 = time.time()
+            sampled, scanned = bottom_k(p.positives.texts(), p.sample_size, seed, POSITIVES_SALT, p.features.max_chars)
+            positives = [text for _, text in sampled]
+            if not positives:
+                raise StageError("quality_classifier: the trusted set yielded no document with text")
+            negatives = sample_negatives(ds, p.sample_size, seed, p.features.max_chars, exclude=set(positives))
+            if not negatives:
+                raise StageError("quality_classifier: the input has no document to use as a negative")
+            coef, intercept, stats = fit_classifier(positives, negatives, p.features, p.C, seed)
+            meta = {"identity": identity, "n_positives": len(positives), "n_negatives": len(negatives),
+                    "positives_read": scanned, **stats, "fit_seconds": round(time.time() - t0, 3),
+                    "dim": p.features.dim, "format": "coef float64[dim], intercept float64[1]; "
+                    "score = sigmoid(features @ coef + intercept)"}
+            tmp = ctx.artifact_dir / f".{_MODEL_FILE}.tmp.npz"
+            np.savez_compressed(tmp, coef=coef, intercept=np.array([intercept]))
+            tmp.replace(model_path)
+            meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+            reused = False
+        ctx.info.update({k: meta[k] for k in ("n_positives", "n_negatives", "positives_read", "n_fit", "n_holdout",
+                                              "holdout_auc")}, reused_model=reused, method="hashed-ngram logistic")
+        ctx.artifacts["quality_classifier"] = str(ctx.artifact_dir.relative_to(ctx.run_dir))
+        weights = ray.put((coef, intercept))
+        return ds.map_batches(_predict_batch, batch_format="pyarrow", batch_size=p.batch_size,
+                              fn_kwargs={"weights": weights, "features": p.features.model_dump()})
+
+    # ---- hub classifier
+    def _apply_hub(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
+        from pipeline.lm import load_lm_config
+
+        p = self.params
+        assert p.model is not None
+        # Fail fast in the driver, naming the model, before any actor starts.
+        config = load_lm_config(p.model, trust_remote_code=p.trust_remote_code)
+        index = resolve_label(config, p.label)
+        concurrency = p.concurrency or (max(1, int(ctx.cluster_gpus / p.num_gpus)) if p.num_gpus else 1)
+        ctx.info.update(method="hub sequence classifier", model=p.model, num_labels=int(config.num_labels),
+                        label_index=index, score="raw regression output" if index is None else "softmax probability",
+                        concurrency=concurrency)
+        return ds.map_batches(
+            SequenceClassifierScorer, batch_format="pyarrow", batch_size=p.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=p.num_gpus or None, num_cpus=1,
+            fn_constructor_kwargs={"model": p.model, "label": p.label, "max_length": p.max_length,
+                                   "max_tokens": p.max_tokens, "device": p.device,
+                                   "trust_remote_code": p.trust_remote_code},
+        )
+
+
+def sample_negatives(ds: ray.data.Dataset, k: int, seed: int, max_chars: int,
+                     exclude: set[str] | None = None) -> list[str]:
+    """A seeded random sample of at most ``k`` input texts by hashed id, sorted by id; texts also in
+    ``exclude`` (the positives) are left out. The driver holds about 1.2 k truncated texts, never
+    the corpus (``pipeline.reference_lm.sample_input``, shared with the perplexity stage)."""
+    from pipeline.reference_lm import sample_input
+
+    exclude = exclude or set()
+    return [text for _, text in sample_input(ds, k, seed, max_chars) if text not in exclude]
