@@ -23,18 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import OUT_DIR  # noqa: E402  (first: puts the checkout on sys.path)
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.train.loader import CurriculumLoader, Encoder, shard_files  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "out"
+OUT = OUT_DIR
 
 
 def make_run(docs: int) -> Path:

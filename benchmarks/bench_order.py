@@ -30,12 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import OUT_DIR, ROOT  # noqa: E402  (first: puts the checkout on sys.path)
 
-OUT = ROOT / "benchmarks" / "out"
+OUT = OUT_DIR
 KEY = "true_quality"
 
 

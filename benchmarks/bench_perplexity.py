@@ -36,14 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import OUT_DIR, REAL_MIX  # noqa: E402  (first: puts the checkout on sys.path)
 
-REAL_MIX = ROOT.parent / "shared" / "data" / "real_mix.jsonl.gz"
-OUT = ROOT / "benchmarks" / "out" / "perplexity.json"
+OUT = OUT_DIR / "perplexity.json"
 
 
 def _load_real(limit: int | None) -> list[dict[str, Any]]:

@@ -33,11 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import OUT_DIR, REAL_MIX  # noqa: E402  (first: puts the checkout on sys.path)
 
 from pipeline.config import validate_config  # noqa: E402
 from pipeline.hashing import uniform  # noqa: E402
@@ -45,8 +41,7 @@ from pipeline.runner import run_pipeline  # noqa: E402
 from stages.combine import RECIPE  # noqa: E402
 from stages.registry import get_stage_class  # noqa: E402
 
-REAL_MIX = ROOT.parent / "shared" / "data" / "real_mix.jsonl.gz"
-OUT = ROOT / "benchmarks" / "out" / "quality.json"
+OUT = OUT_DIR / "quality.json"
 SIGNALS = [*RECIPE, "quality", "quality_arithmetic"]
 DIRECTION = {**{c: h for c, (h, *_) in RECIPE.items()}, "quality": True, "quality_arithmetic": True}
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -71,6 +72,29 @@ def test_same_shards_with_one_or_two_cpus(cli, tmp_path):
         assert f"run folder: {out.resolve()}" in result.stdout
         hashes.append(shard_hashes(out))
     assert hashes[0] == hashes[1] and len(hashes[0]) == 4
+
+
+def test_scored_curriculum_gives_the_same_shards_with_one_or_two_cpus(cli, tmp_path):
+    """The tiny.yaml pipeline in small: a reference LM, the classifier and the composite order.
+    Model training, actor pools and block layouts differ with the CPU count; the bytes may not."""
+    reference = {"max_docs": 300, "vocab_size": 512, "steps": 20, "seq_len": 64, "batch_size": 8,
+                 "model": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}}
+    config = write_config(tmp_path, docs=300, stages=[
+        {"name": "quality"},
+        {"name": "perplexity", "model": "reference", "max_length": 128, "reference": reference},
+        {"name": "quality_classifier", "positives": {"synthetic": {"docs": 100, "min_quality": 0.8}}},
+        {"name": "combine"},
+        {"name": "order", "method": "quality_ascending"},
+    ])
+    hashes = []
+    for cpus in (1, 2):
+        out = tmp_path / f"cpus{cpus}"
+        result = cli("run", str(config), "--out", str(out), "--set", f"ray.num_cpus={cpus}", join_cluster=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        hashes.append(shard_hashes(out))
+        columns = pq.read_schema(next(out.glob("shards/*.parquet"))).names
+        assert {"ppl", "quality_clf", "quality", "position"} <= set(columns)
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
 
 
 def test_sigkill_mid_run_then_resume_gives_identical_shards(cli, ray_address, tmp_path):

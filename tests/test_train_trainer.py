@@ -241,8 +241,10 @@ def test_presets_match_the_paper_settings(preset: str):
         assert order.method == "random"
         assert (train.schedule.kind, train.schedule.final_lr_ratio) == ("wsd", pytest.approx(1 / 300))
         assert train.averaging.method == "none"
-    else:
-        assert (order.method, order.direction) == ("sort", "ascending")
+    else:  # worst first, best last, by the composite quality score
+        assert (order.method, order.key, order.higher_is_better) == ("quality_ascending", "quality", True)
+        assert [stage.name for stage in config.stages[:-1]] == ["quality", "perplexity", "quality_classifier",
+                                                                "combine"]
     if preset == "cma":
         assert train.schedule.kind == "constant"
         assert (train.averaging.method, train.averaging.last_k) == ("sma", 6)
