@@ -39,6 +39,33 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
     )
 
 
+def check_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A transformers config dict with a known ``model_type`` and only keys that config has.
+
+    ``AutoConfig.for_model`` accepts any key silently, so a typo such as ``n_layers`` would build a
+    default-sized model (GPT-2: 12 layers of 768) instead of failing; config validation calls this.
+    """
+    import difflib
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = model_config.get("model_type")
+    if not model_type:
+        raise ValueError("needs model_type (for example gpt2 or llama)")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ValueError(f"unknown model_type {model_type!r}" + (f"; close: {', '.join(close)}" if close else ""))
+    reference = AutoConfig.for_model(model_type)
+    known = set(reference.to_dict()) | set(getattr(reference, "attribute_map", {})) | {"num_labels"}
+    unknown = sorted(set(model_config) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{unknown[0]!r} is not a key of the {model_type} config{hint}")
+    return model_config
+
+
 def build_causal_lm(model_config: dict[str, Any], tokenizer, seed: int = 0):
     """A freshly initialised causal LM from a config dict such as {model_type: gpt2, n_layer: 2}."""
     import torch

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config import sha256_json
 from pipeline.lm import build_causal_lm, train_bpe_tokenizer
@@ -59,6 +59,13 @@ class ReferenceLMSpec(BaseModel):
     warmup: float = Field(0.05, ge=0, lt=1, description="Fraction of the steps with a linear warmup.")
     weight_decay: float = Field(0.1, ge=0)
     threads: int = Field(2, ge=1, description="Torch threads while training; fixed so the weights are reproducible.")
+
+    @field_validator("model")
+    @classmethod
+    def _known_config_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.lm import check_model_config
+
+        return check_model_config(value)
 
 
 def existing_reference(folder: Path, key: str) -> dict[str, Any] | None:

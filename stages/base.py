@@ -100,3 +100,20 @@ class Stage:
 
     def apply(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
         raise NotImplementedError
+
+
+def actor_placement(ctx: StageContext, device: str, num_gpus: float | None, concurrency: int | None,
+                    threads: int | None) -> tuple[str, int, float, int]:
+    """(device, actors, GPUs per actor, torch threads per actor) of a model stage's actor pool.
+
+    ``device: auto`` means CUDA when the cluster has GPUs. On CUDA: ``num_gpus`` per actor
+    (default 1) and, by default, as many actors as the GPUs hold. On CPU: ``threads`` per actor
+    (default 1) and, by default, one actor per ``threads`` CPUs of the cluster.
+    """
+    gpus = ctx.cluster_gpus
+    device = device if device != "auto" else ("cuda" if gpus else "cpu")
+    threads = threads or 1
+    if device.startswith("cuda"):
+        per_actor = num_gpus if num_gpus else 1.0
+        return device, concurrency or max(1, int(gpus / per_actor)), per_actor, threads
+    return device, concurrency or max(1, ctx.cluster_cpus // threads), 0.0, threads

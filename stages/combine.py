@@ -25,8 +25,9 @@ repeated boilerplate as the *best* text, pull boilerplate up to AUC 0.78 and the
 0.86; the geometric mean gave 0.92, above every single signal. ``mean: arithmetic`` is the plain
 weighted mean of METHODS.md §1b.
 
-**Nulls** (and NaN): ``worst`` gives a missing term the worst percentile, 0 (so, with the
-geometric mean, the row scores 0); ``skip-term`` leaves the term out of that row (a group with
+**Nulls** (and NaN): ``worst`` gives a missing term the worst percentile, 0 (with the geometric
+mean, a row scores 0 when a group's only term is missing; in a group of several terms the
+group's mean drops); ``skip-term`` leaves the term out of that row (a group with
 no term left is left out too), and a row with every term missing gets a null score (the order
 stage puts nulls last). Null counts per term go to the manifest.
 

@@ -66,7 +66,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.hashing import uniform
 from pipeline.reference_lm import HALF_SALT, ReferenceLMSpec, reference_files
-from stages.base import Resources, Stage, StageContext, StageParams
+from stages.base import Resources, Stage, StageContext, StageParams, actor_placement
 
 COLUMNS = ("ppl", "nll", "n_tokens")
 _REASON = "_ppl_null_reason"
@@ -223,12 +223,12 @@ class PerplexityScorer:
             parts = [F.cross_entropy(F.linear(hidden[i:i + self.head_chunk], weight, bias).float(),
                                      targets[i:i + self.head_chunk], reduction="none")
                      for i in range(0, padded, self.head_chunk)]
-            return torch.cat(parts)[:n].cpu().numpy() if parts else np.zeros(0, np.float32)
         else:
             logits = self.model(input_ids=ids, use_cache=False).logits[select]
+            n = logits.shape[0]
             parts = [F.cross_entropy(logits[i:i + self.head_chunk].float(), targets[i:i + self.head_chunk],
-                                     reduction="none") for i in range(0, logits.shape[0], self.head_chunk)]
-        return self.torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.float32)
+                                     reduction="none") for i in range(0, n, self.head_chunk)]
+        return torch.cat(parts)[:n].cpu().numpy() if parts else np.zeros(0, np.float32)
 
     # ---- scoring
 
@@ -346,18 +346,10 @@ class PerplexityStage(Stage):
             return None
         return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in reference_files(p.reference_data)]
 
-    def _placement(self, ctx: StageContext | None = None) -> tuple[str, int, float, int]:
+    def placement(self, ctx: StageContext) -> tuple[str, int, float, int]:
         """(device, concurrency, gpus per actor, threads per actor) for this cluster."""
         p = self.params
-        gpus = ctx.cluster_gpus if ctx is not None else 0
-        device = p.device if p.device != "auto" else ("cuda" if gpus else "cpu")
-        if device.startswith("cuda"):
-            per_actor = p.num_gpus if p.num_gpus is not None else 1.0
-            concurrency = p.concurrency or max(1, int(gpus / per_actor) if per_actor else 1)
-            return device, concurrency, per_actor, p.threads or 1
-        threads = p.threads or 1
-        cpus = ctx.cluster_cpus if ctx is not None else os.cpu_count() or 1
-        return device, p.concurrency or max(1, cpus // threads), 0.0, threads
+        return actor_placement(ctx, p.device, p.num_gpus, p.concurrency, p.threads)
 
     def resources(self) -> Resources:
         """One actor's request; with device auto, the GPU share is decided in apply() from the cluster."""
@@ -368,9 +360,15 @@ class PerplexityStage(Stage):
     def apply(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
         p = self.params
         t0 = time.time()
-        info: dict[str, Any] = {"model": p.model, "max_length": p.max_length, "stride": p.stride or p.max_length - 1}
+        max_length = p.max_length
         if p.model != "reference":
-            _check_loadable(p.model, p.trust_remote_code)  # fail before any work, naming the model
+            from pipeline.lm import load_lm_config
+
+            # Fails here, naming the model, before any work or actor starts (ModelLoadError).
+            config = load_lm_config(p.model, trust_remote_code=p.trust_remote_code)
+            max_length = min(max_length, _context_size(config) or max_length)  # as the scorer clamps it
+        stride = min(p.stride, max_length - 1) if p.stride else max_length - 1
+        info: dict[str, Any] = {"model": p.model, "max_length": max_length, "stride": stride}
         # Materialized once: the reference sample and the scoring read it from the object store,
         # and an actor pool that holds every CPU would otherwise starve the upstream read tasks
         # (Ray Data then waits forever; seen on 2 cores).
@@ -387,7 +385,7 @@ class PerplexityStage(Stage):
             info["reference_lm"]["train_loss_last"] = record["train"]["loss_last"]
         else:
             model = p.model
-        device, concurrency, gpus, threads = self._placement(ctx)
+        device, concurrency, gpus, threads = self.placement(ctx)
         info.update(device=device, concurrency=concurrency, threads_per_actor=threads, num_gpus_per_actor=gpus,
                     split=p.split if p.model == "reference" and p.reference_data is None else None)
         half_seed = ctx.seed if (p.model == "reference" and p.reference_data is None and p.split == "held_out") else None
@@ -441,9 +439,3 @@ def _summarize(table: pa.Table) -> pa.Table:
         [("n_tokens", "sum"), ("n_tokens", "count")])
     return pa.table({"reason": grouped["reason"], "tokens": grouped["n_tokens_sum"], "rows": grouped["n_tokens_count"]})
 
-
-def _check_loadable(model: str, trust_remote_code: bool) -> None:
-    """Fail in the driver, with the model's name, before any actor starts (ModelLoadError)."""
-    from pipeline.lm import load_lm_config
-
-    load_lm_config(model, trust_remote_code=trust_remote_code)

@@ -132,6 +132,49 @@ def test_a_score_does_not_depend_on_the_batch_it_is_in(tiny_lm: Path) -> None:
         torch.set_num_threads(threads)
 
 
+def test_fixed_batch_shapes_of_the_cuda_path_give_the_same_scores(tiny_lm: Path) -> None:
+    """On CUDA every batch is filled to token_budget // width rows with dummy rows; the scores
+    of the real rows must not change (checked here on CPU, where CI runs)."""
+    texts = [d["text"] for d in _docs(7)] + ["x", ""]
+    plain = PerplexityScorer(str(tiny_lm), max_length=64, token_budget=512, threads=1)
+    fixed = PerplexityScorer(str(tiny_lm), max_length=64, token_budget=512, threads=1)
+    fixed.fixed_shapes = True
+    expected, got = plain.score_texts(texts), fixed.score_texts(texts)
+    np.testing.assert_allclose(got[0], expected[0], rtol=0, atol=1e-6)
+    assert list(got[1]) == list(expected[1]) and got[2] == expected[2]
+
+
+def test_bf16_scores_follow_fp32(tiny_lm: Path) -> None:
+    """The dtype CUDA gets by default, run on CPU: the chunked head still applies and the NLL moves little."""
+    texts = [d["text"] for d in _docs(6)]
+    fp32 = PerplexityScorer(str(tiny_lm), max_length=64, threads=1).score_texts(texts)[0]
+    bf16 = PerplexityScorer(str(tiny_lm), max_length=64, threads=1, dtype="bfloat16")
+    assert bf16.model.dtype == torch.bfloat16 and bf16.chunked
+    np.testing.assert_allclose(bf16.score_texts(texts)[0], fp32, rtol=0.02)
+
+
+class _GPUCluster(StageContext):
+    @property
+    def cluster_gpus(self) -> int:
+        return 4
+
+    @property
+    def cluster_cpus(self) -> int:
+        return 64
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    ({}, ("cuda", 4, 1.0, 1)),                                   # one actor per GPU
+    ({"num_gpus": 0.5}, ("cuda", 8, 0.5, 1)),                    # two small models per GPU
+    ({"device": "cpu", "threads": 4}, ("cpu", 16, 0.0, 4)),      # CPUs // threads
+    ({"concurrency": 2}, ("cuda", 2, 1.0, 1)),
+])
+def test_actor_placement_on_a_gpu_cluster(tmp_path: Path, params: dict, expected: tuple) -> None:
+    ctx = _GPUCluster(run_dir=tmp_path, artifact_dir=tmp_path, seed=0, input_columns=["id", "text"])
+    stage = PerplexityStage(PerplexityParams(model="some/model", **params))
+    assert stage.placement(ctx) == expected
+
+
 def test_output_rows_keep_the_input_order(scorer: PerplexityScorer) -> None:
     docs = _docs(9)
     texts = [d["text"][: 40 * (i + 1)] for i, d in enumerate(docs)][::-1]  # long first: sorting must be undone
@@ -278,6 +321,11 @@ def test_params_are_checked_with_helpful_messages() -> None:
         validate_config({**base, "stages": [{"name": "perplexity", "max_length": 32, "stride": 40}]})
     with pytest.raises(ConfigError, match=r"stages\[0\]\.modle: unknown key"):
         validate_config({**base, "stages": [{"name": "perplexity", "modle": "gpt2"}]})
+    # transformers accepts any config key; a typo must not silently train a default-sized (124M) GPT-2
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.reference\.model: 'n_layers' is not a key of the gpt2 config"):
+        validate_config({**base, "stages": [{"name": "perplexity", "reference": {"model": {**TINY, "n_layers": 6}}}]})
+    with pytest.raises(ConfigError, match=r"unknown model_type 'gtp2'"):
+        validate_config({**base, "stages": [{"name": "perplexity", "reference": {"model": {"model_type": "gtp2"}}}]})
     with pytest.raises(ConfigError, match="preset 'points' sets"):
         validate_config({**base, "stages": [{"name": "select_perplexity", "preset": "points", "keep": 0.5}]})
     assert SelectPerplexityParams(preset="points").rule == "low" and SelectPerplexityParams(preset="points").keep == 0.2

@@ -21,6 +21,11 @@ from stages.quality_classifier import (
     Features,
     QualityClassifierParams,
     QualityClassifierStage,
+    SyntheticPositives,
+    _synthetic_texts,
+    fit_cross_fitted,
+    fold_of,
+    predict_proba,
     sample_negatives,
 )
 
@@ -58,7 +63,7 @@ def test_trained_classifier_is_deterministic_whatever_the_block_layout(ray_addre
     assert spearmanr(first["quality_clf"], first["true_quality"])[0] > 0.6
     a = np.load(tmp_path / "a" / "artifacts" / "classifier.npz", allow_pickle=False)
     b = np.load(tmp_path / "b" / "artifacts" / "classifier.npz", allow_pickle=False)
-    assert np.array_equal(a["coef"], b["coef"]) and a["coef"].shape == (Features().dim,)
+    assert np.array_equal(a["coef"], b["coef"]) and a["coef"].shape == (2, Features().dim)  # one model per fold
     assert ctx.info["reused_model"] is False and ctx.info["holdout_auc"] > 0.6
     assert ctx.artifacts["quality_classifier"] == "artifacts"
 
@@ -84,15 +89,36 @@ def test_training_sample_size_is_honoured(ray_address, tmp_path):
                         "features": {"max_chars": 300}}, rows, tmp_path)
     assert ctx.info["n_positives"] == 40 and ctx.info["n_negatives"] == 40
     assert ctx.info["positives_read"] == 200
-    assert ctx.info["n_fit"] + ctx.info["n_holdout"] == 80
+    # two cross-fitted models: each sees every positive and the negatives of the other fold
+    assert ctx.info["n_fit"] + ctx.info["n_holdout"] == 2 * 40 + 40
 
     # The negative sample: at most k, truncated, the same for any block layout, and sorted by id.
     one = sample_negatives(dataset(rows, 1), 25, seed=3, max_chars=50)
     many = sample_negatives(dataset(rows, 9), 25, seed=3, max_chars=50)
-    assert one == many and len(one) == 25 and max(len(t) for t in one) <= 50
-    ids = {r["text"][:50]: r["id"] for r in rows}
-    assert [ids[t] for t in one] == sorted(ids[t] for t in one)
+    assert one == many and len(one) == 25 and max(len(t) for _, t in one) <= 50
+    by_id = {r["id"]: r["text"][:50] for r in rows}
+    assert [i for i, _ in one] == sorted(i for i, _ in one) and all(by_id[i] == t for i, t in one)
     assert len(sample_negatives(dataset(rows, 2), 1000, seed=3, max_chars=50)) == 400
+
+
+def test_every_row_is_scored_by_a_model_that_did_not_train_on_it():
+    """Cross-fitting: the fold-f model never saw a fold-f negative, so a row's score does not change
+    when the row is dropped from the training sample (it would, for an in-sample model)."""
+    rows = corpus(300)
+    positives = list(_synthetic_texts(SyntheticPositives(docs=150, min_quality=0.8)))
+    negatives = sorted((r["id"], r["text"]) for r in rows)
+    features = Features(n_features=2**14)
+    coef, intercept, _ = fit_cross_fitted(positives, negatives, features, 1.0, seed=0)
+    texts, ids = [t for _, t in negatives], [i for i, _ in negatives]
+    scores = predict_proba(texts, coef, intercept, features, fold_of(ids, 0))
+    folds = fold_of(ids, 0)
+    for fold in (0, 1):  # drop the fold's own rows from the sample: its model is unchanged
+        kept = [n for n, f in zip(negatives, folds) if f != fold]
+        again, again_intercept, _ = fit_cross_fitted(positives, kept, features, 1.0, seed=0)
+        assert np.array_equal(again[fold], coef[fold]) and again_intercept[fold] == intercept[fold]
+    # What it avoids: the other fold's model trained on these rows as negatives and scores them lower.
+    seen = predict_proba(texts, coef, intercept, features, 1 - folds)
+    assert seen.mean() < scores.mean() - 0.01, (seen.mean(), scores.mean())
 
 
 def test_bottom_k_is_the_k_smallest_hashes_whatever_the_stream_order():
@@ -218,6 +244,28 @@ def test_hub_classifier_matches_a_direct_transformers_computation(ray_address, t
     assert got.keys() == expected.keys()
     assert max(abs(got[k] - expected[k]) for k in got) < 2e-6
     assert len({round(v, 4) for v in got.values()}) > 5  # scores vary by document
+
+
+def test_hub_classifier_score_does_not_depend_on_its_batch(ray_address, tiny_classifier):
+    """Alone or among 200 documents in another order, with another token budget, with the CUDA
+    path's fixed batch shapes: the same bytes. (Plain length-sorted packing changed 8 of 200.)"""
+    from stages.quality_classifier import SequenceClassifierScorer
+
+    texts = [r["text"] for r in corpus(200)] + ["x", "short one"]
+
+    def scorer(max_tokens: int, fixed: bool = False) -> SequenceClassifierScorer:
+        made = SequenceClassifierScorer(str(tiny_classifier), "mid", max_length=64, max_tokens=max_tokens,
+                                        device="cpu", trust_remote_code=False)
+        made.fixed_shapes = fixed
+        return made
+
+    one = scorer(64)
+    alone = np.array([one.score([t])[0] for t in texts])
+    order = np.random.default_rng(0).permutation(len(texts))
+    for max_tokens, fixed in [(200, False), (4096, False), (1024, True)]:
+        together = scorer(max_tokens, fixed).score([texts[i] for i in order])
+        assert np.array_equal(together, alone[order]), (max_tokens, fixed)
+    assert len(set(alone.round(4))) > 20
 
 
 def test_hub_classifier_errors_name_the_model(ray_address, tmp_path, tiny_classifier):

@@ -175,6 +175,7 @@ def test_config_errors_exit_2_and_write_nothing(run_dir: Path, tmp_path: Path, c
         (["--set", "train.batch_size=7"], "must be a multiple of workers * grad_accum"),
         (["--set", "train.schedule.decay_shape=exp"], "train.schedule.decay_shape"),
         (["--set", "train.eval.sets.x=/nowhere.jsonl"], "train.eval.sets.x"),
+        (["--set", "train.model.config.n_layers=6"], "'n_layers' is not a key of the gpt2 config (did you mean 'n_layer'?)"),
     ]
     for extra, message in cases:
         assert main(["train", str(config), "--data", str(run_dir), "--out", str(out), *extra]) == 2

@@ -28,8 +28,13 @@ class ModelSpec(StrictModel):
     def _one_source(self) -> "ModelSpec":
         if (self.config is None) == (self.pretrained is None):
             raise ValueError("give exactly one of model.config (a transformers config) or model.pretrained (a path)")
-        if self.config is not None and not self.config.get("model_type"):
-            raise ValueError("model.config needs model_type (for example gpt2 or llama)")
+        if self.config is not None:
+            from pipeline.lm import check_model_config
+
+            try:
+                check_model_config(self.config)
+            except ValueError as exc:
+                raise ValueError(f"config: {exc}") from None
         return self
 
 
