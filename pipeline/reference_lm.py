@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -241,46 +240,13 @@ def sample_input(ds, k: int, seed: int, max_chars: int, half: bool = False) -> l
     return sorted(((r["id"], r["text"]) for r in chosen), key=lambda r: r[0])
 
 
-def reference_files(path: str) -> list[str]:
-    """The jsonl / parquet files a ``reference_data`` path names (file, folder or glob), sorted."""
-    from pipeline.config import expand_input_paths
-
-    suffixes = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
-    files = {*expand_input_paths(path, "jsonl"), *expand_input_paths(path, "parquet")}
-    return sorted(f for f in files if f.endswith(suffixes))
-
-
-def _file_texts(path: str, field: str):
-    import gzip
-
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        handle = pq.ParquetFile(path)
-        if field not in handle.schema_arrow.names:
-            raise ValueError(f"{path}: no column {field!r} (columns: {handle.schema_arrow.names})")
-        for batch in handle.iter_batches(batch_size=4096, columns=[field]):
-            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
-        return
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                continue  # trusted text is read leniently: a bad line is skipped, not fatal
-            text = record.get(field) if isinstance(record, dict) else None
-            if isinstance(text, str) and text.strip():
-                yield text
-
-
-def sample_reference_data(path: str, field: str, k: int, seed: int, max_chars: int) -> tuple[list[tuple[str, str]], int]:
-    """A bounded sample of trusted text: the ``k`` documents with the smallest seeded content hash
-    (streaming, independent of file order), as (id, text) sorted by id, and how many were read."""
+def sample_reference_data(trusted, k: int, seed: int, max_chars: int) -> tuple[list[tuple[str, str]], int]:
+    """A bounded sample of trusted text (a ``pipeline.trusted.TrustedText``): the ``k`` documents with
+    the smallest seeded content hash (streaming, independent of file order), as (id, text) sorted
+    by id, and how many were read."""
     from pipeline.hashing import bottom_k
 
-    texts = (text for f in reference_files(path) for text in _file_texts(f, field))
-    sample, read = bottom_k(texts, k, seed, _SAMPLE_SALT, max_chars)
+    sample, read = bottom_k(trusted.texts(), k, seed, _SAMPLE_SALT, max_chars)
     return sorted(sample), read
 
 
@@ -292,19 +258,18 @@ def prepare_reference_lm(ds, params, ctx) -> tuple[Path, dict[str, Any]]:
     """
     spec: ReferenceLMSpec = params.reference
     folder = Path(ctx.artifact_dir) / "reference_lm"
-    fingerprint: list[Any] = []
-    if params.reference_data is not None:
-        fingerprint = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in reference_files(params.reference_data)]
+    trusted = params.reference_data
     key = sha256_json({"spec": spec.model_dump(mode="json"), "max_length": params.max_length, "seed": ctx.seed,
-                       "split": params.split, "reference_data": params.reference_data,
-                       "reference_text_field": params.reference_text_field, "files": fingerprint})
+                       "split": params.split,
+                       "reference_data": trusted.model_dump(mode="json") if trusted is not None else None,
+                       "files": trusted.fingerprint() if trusted is not None else []})
     record = existing_reference(folder, key)
     if record is not None:
         return folder, {**record, "reused": True}
-    if params.reference_data is not None:
-        rows, read = sample_reference_data(params.reference_data, params.reference_text_field, spec.max_docs,
-                                           ctx.seed, spec.max_chars)
-        source = {"source": "reference_data", "path": params.reference_data, "read": read}
+    if trusted is not None:
+        rows, read = sample_reference_data(trusted, spec.max_docs, ctx.seed, spec.max_chars)
+        source = {"source": "reference_data", "trusted": trusted.model_dump(mode="json", exclude_none=True),
+                  "read": read}
     else:
         rows = sample_input(ds, spec.max_docs, ctx.seed, spec.max_chars, half=params.split == "held_out")
         source = {"source": "input", "split": params.split}

@@ -20,7 +20,8 @@ Which rows are scored (model: reference)
   id hash and scores every row, because a curriculum needs a score for each document; those
   sampled rows are in-sample. ``split: held_out`` is Ankner et al.'s strict split: train on one
   hashed half, score only the other; the training half gets null scores (reason
-  ``reference_train_half``). ``reference_data`` trains on trusted text instead (CCNet-style).
+  ``reference_train_half``). ``reference_data`` trains on trusted text instead (CCNet-style;
+  ``pipeline.trusted.TrustedText``, shared with the quality classifier's ``positives``).
 
 Speed (benchmarks/bench_perplexity.py)
   A Ray actor pool (``map_batches`` with a callable class): ``concurrency`` actors, each with
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -65,7 +65,8 @@ import ray.data
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.hashing import uniform
-from pipeline.reference_lm import HALF_SALT, ReferenceLMSpec, reference_files
+from pipeline.reference_lm import HALF_SALT, ReferenceLMSpec
+from pipeline.trusted import TrustedText
 from stages.base import Resources, Stage, StageContext, StageParams, actor_placement
 
 COLUMNS = ("ppl", "nll", "n_tokens")
@@ -79,10 +80,9 @@ class PerplexityParams(StageParams):
                        description="'reference' (train a small LM here), a hub name, or a local folder in HF layout.")
     reference: ReferenceLMSpec = Field(default_factory=ReferenceLMSpec,
                                        description="How the reference LM is trained (model: reference).")
-    reference_data: str | None = Field(
-        None, description="Trusted text (jsonl / parquet file, folder or glob) to train the reference LM on, "
-        "CCNet-style; without it, a hashed sample of the input.")
-    reference_text_field: str = Field("text", min_length=1)
+    reference_data: TrustedText | None = Field(
+        None, description="Trusted text to train the reference LM on, CCNet-style (a path, or "
+        "{path|hf|synthetic, text_field}, as the quality classifier's positives); default: a hashed sample of the input.")
     split: Literal["sample", "held_out"] = Field(
         "sample", description="Without reference_data: 'sample' trains on a hashed sample of the input and scores "
         "every row (the sampled rows are in-sample); 'held_out' is Ankner et al.'s strict split: train on the rows "
@@ -109,13 +109,6 @@ class PerplexityParams(StageParams):
     @classmethod
     def _model_name(cls, value: str) -> str:
         return value.strip()
-
-    @field_validator("reference_data")
-    @classmethod
-    def _reference_exists(cls, value: str | None) -> str | None:
-        if value is not None and not reference_files(value):
-            raise ValueError(f"no jsonl / parquet file matches {value!r} (resolved from {Path.cwd()})")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "PerplexityParams":
@@ -344,7 +337,7 @@ class PerplexityStage(Stage):
         p = self.params
         if p.model != "reference" or p.reference_data is None:
             return None
-        return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in reference_files(p.reference_data)]
+        return p.reference_data.fingerprint()
 
     def placement(self, ctx: StageContext) -> tuple[str, int, float, int]:
         """(device, concurrency, gpus per actor, threads per actor) for this cluster."""

@@ -41,11 +41,8 @@ CUDA batches have a fixed shape (``SequenceClassifierScorer.score``); tested bit
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -54,9 +51,9 @@ import ray
 import ray.data
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.config import expand_input_paths
 from pipeline.errors import ModelLoadError, StageError
 from pipeline.hashing import bottom_k, uniform
+from pipeline.trusted import TrustedText
 from stages.base import Resources, Stage, StageContext, StageParams, actor_placement
 
 POSITIVES_SALT = "quality_classifier.positives"
@@ -66,165 +63,17 @@ _MAX_ROWS = 256  # rows per forward batch at most (and the fixed batch shape's c
 
 COLUMN = "quality_clf"
 _MODEL_FILE, _META_FILE = "classifier.npz", "classifier.json"
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 # Words, or runs of symbols: markup and ascii-art are signal here, so they are tokens too.
 _TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]+"
-
-
-# --------------------------------------------------------------------------- the trusted set
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class HFPositives(_Strict):
-    name: str = Field(..., min_length=1, description="A datasets name on the hub, or a local folder.")
-    config: str | None = None
-    split: str = "train"
-    data_files: str | list[str] | None = None
-    streaming: bool = True
-    trust_remote_code: bool = False
-
-
-class SyntheticPositives(_Strict):
-    """Clean documents of the graded synthetic corpus: the trusted set for synthetic runs."""
-
-    docs: int = Field(1000, ge=1, description="How many trusted documents to generate.")
-    min_quality: float = Field(0.8, ge=0.0, le=1.0, description="Keep generated documents with true_quality >= this.")
-    seed: int = Field(0, ge=0)
-    start: int = Field(10_000_000, ge=0, description="First generator index; far from the input's, so no overlap.")
-
-
-def _infer_format(path: str) -> Literal["jsonl", "parquet", "text"]:
-    if path.endswith(_JSONL_SUFFIXES):
-        return "jsonl"
-    if path.endswith(".parquet"):
-        return "parquet"
-    return "text"
-
-
-class Positives(_Strict):
-    """The trusted set: exactly one of ``path``, ``hf`` or ``synthetic``."""
-
-    path: str | None = Field(None, description="File, folder or glob of jsonl / parquet / plain-text files.")
-    format: Literal["jsonl", "parquet", "text"] | None = Field(
-        None, description="Inferred from the suffix: .jsonl[.gz]/.json -> jsonl, .parquet, anything else text "
-        "(documents separated by blank lines)."
-    )
-    text_field: str = "text"
-    hf: HFPositives | None = None
-    synthetic: SyntheticPositives | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one_source_that_has_text(self) -> "Positives":
-        given = [k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of path, hf or synthetic (got {given or 'none'})")
-        if self.path is not None:
-            files = self.files()
-            if not files:
-                raise ValueError(f"positives file not found: {self.path!r} (resolved from {Path.cwd()})")
-            if next(iter(self.texts()), None) is None:
-                raise ValueError(f"positives file {self.path!r} is empty: no record with a non-empty "
-                                 f"{self.text_field!r} text ({len(files)} file(s) read)")
-        return self
-
-    def files(self) -> list[str]:
-        assert self.path is not None
-        fmt = self.format or _infer_format(self.path)
-        files = expand_input_paths(self.path, fmt)
-        if self.format is None and Path(self.path).is_dir():  # a folder: take what is in it, by suffix
-            tables = {*expand_input_paths(self.path, "jsonl"), *expand_input_paths(self.path, "parquet")}
-            files = sorted(tables) or files
-        return files
-
-    def fingerprint(self) -> list[Any]:
-        """What identifies the trusted set's content for the stage cache: files with size and mtime."""
-        if self.path is None:
-            return []
-        return [(f, (s := Path(f).stat()).st_size, s.st_mtime_ns) for f in self.files()]
-
-    def texts(self) -> Iterator[str]:
-        """Stream the trusted texts (non-empty strings only); never holds more than one batch."""
-        if self.synthetic is not None:
-            yield from _synthetic_texts(self.synthetic)
-        elif self.hf is not None:
-            yield from _hf_texts(self.hf, self.text_field)
-        else:
-            for f in self.files():
-                fmt = self.format or _infer_format(f)
-                reader = {"jsonl": _jsonl_texts, "parquet": _parquet_texts, "text": _plain_texts}[fmt]
-                yield from reader(f, self.text_field)
-
-
-def _usable(text: Any) -> bool:
-    return isinstance(text, str) and bool(text.strip())
-
-
-def _jsonl_texts(path: str, field: str) -> Iterator[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a trusted set is read leniently: bad lines are skipped, not quarantined
-            if isinstance(record, dict) and _usable(record.get(field)):
-                yield record[field]
-
-
-def _parquet_texts(path: str, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    handle = pq.ParquetFile(path)
-    if field not in handle.schema_arrow.names:
-        return
-    for batch in handle.iter_batches(batch_size=4096, columns=[field]):
-        yield from (t for t in batch.column(0).to_pylist() if _usable(t))
-
-
-def _plain_texts(path: str, field: str) -> Iterator[str]:
-    del field
-    paragraph: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                yield "\n".join(paragraph)
-                paragraph = []
-    if paragraph:
-        yield "\n".join(paragraph)
-
-
-def _hf_texts(spec: HFPositives, field: str) -> Iterator[str]:
-    from pipeline.readers import load_hf_dataset
-
-    for record in load_hf_dataset(spec.model_dump()):
-        if _usable(record.get(field)):
-            yield record[field]
-
-
-def _synthetic_texts(spec: SyntheticPositives) -> Iterator[str]:
-    from pipeline.synth import graded_document
-
-    found, index = 0, spec.start
-    while found < spec.docs:
-        doc = graded_document(index, spec.seed)
-        index += 1
-        if doc["true_quality"] >= spec.min_quality:
-            found += 1
-            yield doc["text"]
 
 
 # --------------------------------------------------------------------------- features + model
 
 
-class Features(_Strict):
+class Features(BaseModel):
     """The hashed n-gram feature space: stateless, so a model is fully described by these + weights."""
+
+    model_config = ConfigDict(extra="forbid")
 
     word_ngrams: tuple[int, int] = Field((1, 2), description="Word n-gram range (words and runs of symbols).")
     char_ngrams: tuple[int, int] | None = Field((3, 5), description="Character n-gram range; null disables them.")
@@ -429,7 +278,7 @@ class SequenceClassifierScorer:
 
 class QualityClassifierParams(StageParams):
     name: Literal["quality_classifier"] = "quality_classifier"
-    positives: Positives | None = Field(
+    positives: TrustedText | None = Field(
         None, description="The trusted set (a path, or {path|hf|synthetic, text_field}); trains the DCLM-style model."
     )
     model: str | None = Field(
@@ -449,11 +298,6 @@ class QualityClassifierParams(StageParams):
     threads: int | None = Field(None, ge=1, description="model: torch threads per CPU actor; default 1.")
     device: str = Field("auto", description="model: auto (CUDA when the cluster has GPUs) | cpu | cuda[:N].")
     trust_remote_code: bool = False
-
-    @field_validator("positives", mode="before")
-    @classmethod
-    def _path_shorthand(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_source(self) -> "QualityClassifierParams":

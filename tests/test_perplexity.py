@@ -297,16 +297,21 @@ def test_reference_data_trains_on_the_trusted_text(ray_address: str, tmp_path: P
     trusted = tmp_path / "trusted.jsonl"
     good = [d for d in _docs(200, start=5000) if d["true_quality"] > 0.8]
     trusted.write_text("".join(json.dumps({"body": d["text"]}) + "\n" for d in good) + "not json\n")
-    params = PerplexityParams(reference=TINY_REFERENCE, max_length=64, reference_data=str(trusted),
-                              reference_text_field="body")
+    params = PerplexityParams(reference=TINY_REFERENCE, max_length=64,
+                              reference_data={"path": str(trusted), "text_field": "body"})
     ctx = _ctx(tmp_path)
     out = PerplexityStage(params).apply(_dataset(_docs(20), 1), ctx).take_all()
     assert all(r["ppl"] is not None for r in out)
     sample = ctx.info["reference_lm"]["sample"]
     assert sample["source"] == "reference_data" and sample["read"] == len(good)
     assert sample["docs"] == min(60, len(good))
-    with pytest.raises(ValueError, match="no jsonl / parquet file"):
-        PerplexityParams(reference_data=str(tmp_path / "missing.jsonl"))
+    # Checked with the config (exit 2, naming the key and the file): a missing file, a wrong field.
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.reference_data: .*file not found: .*missing\.jsonl"):
+        validate_config({"input": {"format": "synthetic"},
+                         "stages": [{"name": "perplexity", "reference_data": str(tmp_path / "missing.jsonl")}]})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.reference_data: .*is empty: no record with a non-empty 'text'"):
+        validate_config({"input": {"format": "synthetic"},
+                         "stages": [{"name": "perplexity", "reference_data": str(trusted)}]})
 
 
 def test_an_unreachable_hub_model_names_the_model(ray_address: str, tmp_path: Path) -> None:

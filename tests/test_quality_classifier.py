@@ -14,6 +14,7 @@ from pipeline.cache import stage_key, stage_spec
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.hashing import bottom_k
+from pipeline.trusted import SyntheticSource, _synthetic_texts
 from pipeline.synth import graded_document
 from stages.base import StageContext
 from stages.quality_classifier import (
@@ -21,8 +22,6 @@ from stages.quality_classifier import (
     Features,
     QualityClassifierParams,
     QualityClassifierStage,
-    SyntheticPositives,
-    _synthetic_texts,
     fit_cross_fitted,
     fold_of,
     predict_proba,
@@ -105,7 +104,7 @@ def test_every_row_is_scored_by_a_model_that_did_not_train_on_it():
     """Cross-fitting: the fold-f model never saw a fold-f negative, so a row's score does not change
     when the row is dropped from the training sample (it would, for an in-sample model)."""
     rows = corpus(300)
-    positives = list(_synthetic_texts(SyntheticPositives(docs=150, min_quality=0.8)))
+    positives = list(_synthetic_texts(SyntheticSource(docs=150, min_quality=0.8)))
     negatives = sorted((r["id"], r["text"]) for r in rows)
     features = Features(n_features=2**14)
     coef, intercept, _ = fit_cross_fitted(positives, negatives, features, 1.0, seed=0)
@@ -119,6 +118,19 @@ def test_every_row_is_scored_by_a_model_that_did_not_train_on_it():
     # What it avoids: the other fold's model trained on these rows as negatives and scores them lower.
     seen = predict_proba(texts, coef, intercept, features, 1 - folds)
     assert seen.mean() < scores.mean() - 0.01, (seen.mean(), scores.mean())
+
+
+def test_trusted_text_reads_files_leniently_and_at_most_max_read(tmp_path):
+    from pipeline.trusted import TrustedText
+
+    path = tmp_path / "trusted.jsonl"
+    lines = [json.dumps({"body": f"trusted document {i}"}) for i in range(100)]
+    path.write_text("\n".join(lines[:50] + ["{not json", json.dumps({"body": "  "}), json.dumps({"other": 1})]
+                              + lines[50:]) + "\n")
+    every = list(TrustedText.model_validate({"path": str(path), "text_field": "body"}).texts())
+    assert every == [f"trusted document {i}" for i in range(100)]  # bad, blank and field-less lines skipped
+    bounded = TrustedText.model_validate({"path": str(path), "text_field": "body", "max_read": 10})
+    assert list(bounded.texts()) == every[:10]
 
 
 def test_bottom_k_is_the_k_smallest_hashes_whatever_the_stream_order():
@@ -167,7 +179,7 @@ def test_missing_or_empty_positives_exit_2_naming_the_file(cli, tmp_path):
 def test_positives_without_usable_text_are_a_config_error(tmp_path, content, name):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(ConfigError, match=rf"stages\[0\]\.positives: positives file '{path}' is empty"):
+    with pytest.raises(ConfigError, match=rf"stages\[0\]\.positives: file '{path}' is empty"):
         validate_config({"stages": [{"name": "quality_classifier", "positives": str(path)}]})
 
 
