@@ -110,7 +110,8 @@ def train_reference_lm(texts: list[str], folder: Path, spec: ReferenceLMSpec, ma
 
     # training chunks must fit the model's context, which is the stage's max_length
     spec = spec.model_copy(update={"seq_len": min(spec.seq_len, max_length)})
-    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
     torch.set_num_threads(spec.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -119,7 +120,7 @@ def train_reference_lm(texts: list[str], folder: Path, spec: ReferenceLMSpec, ma
         curve = _train(model, ids, spec, seed)
     finally:
         torch.set_num_threads(previous[0])
-        torch.use_deterministic_algorithms(previous[1])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ and the same rows are kept whatever Ray's block layout. Thresholds are two (valu
   ``keep`` fraction centred on the median.
 - When the scored rows number at most ``sample_size`` (default 200,000), the cut points come from
   all of them (only the ``id`` and score columns reach the driver), and exactly
-  ``round(keep * scored rows)`` rows are kept. Above that, they are quantiles of a seeded sample
+  ``round(keep * scored rows)`` rows (at least one) are kept. Above that, they are quantiles of a seeded sample
   of about ``sample_size`` rows drawn by id hash, so the kept count is ``keep * N`` up to sampling
   error (about ±0.3% of N at 200,000 samples).
 
