@@ -177,3 +177,21 @@ def test_a_run_scores_combines_and_orders_by_quality(ray_address, tmp_path):
     assert combine["info"]["null_counts"] == {c: 0 for c in RECIPE if c != "ppl"}
     artifacts = tmp_path / "run" / manifest["artifacts"]["quality_classifier"]
     assert json.loads((artifacts / "classifier.json").read_text())["n_negatives"] == 300
+
+
+def test_inspect_correlations_are_oriented_and_warn_on_a_domain_detector():
+    """`curriculum inspect`'s signal correlations: each signal oriented higher = better, and a
+    warning when quality_clf runs against the other signals (METHODS.md §1b)."""
+    import polars as pl
+
+    from pipeline.report import rank_correlations
+
+    good = np.linspace(0, 1, 50)
+    signals = {"ppl": 100 - 90 * good, "alpha_ratio": 0.5 + 0.5 * good, "symbol_ratio": 0.3 - 0.3 * good}
+    columns, matrix, warnings = rank_correlations(pl.DataFrame({**signals, "quality_clf": good}))
+    assert columns == ["ppl", "quality_clf", "alpha_ratio", "symbol_ratio"]
+    np.testing.assert_allclose(matrix, np.ones((4, 4)))  # lower ppl / symbol_ratio = better: all agree
+    assert warnings == []
+    _, matrix, warnings = rank_correlations(pl.DataFrame({**signals, "quality_clf": 1 - good}))
+    np.testing.assert_allclose(matrix[1, [0, 2, 3]], -1.0)
+    assert len(warnings) == 1 and "quality_clf correlates negatively" in warnings[0] and "-1.00" in warnings[0]
