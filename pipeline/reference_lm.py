@@ -201,44 +201,24 @@ HALF_SALT = "perplexity.reference_half"  # held_out split: rows with uniform(id)
 _SAMPLE_SALT = "perplexity.reference_sample"
 
 
-def _tag_sample(table, seed: int, rate: float, max_chars: int, half: bool):
-    import numpy as np
-    import pyarrow as pa
+def sample_input(ds, k: int, seed: int, max_chars: int, half: bool = False) -> list[tuple[str, str]]:
+    """At most ``k`` (id, text) rows of ``ds`` with the smallest seeded id hash, texts cut to
+    ``max_chars``, sorted by id (``pipeline.sampling.hashed_sample``: the driver holds about
+    1.2 k rows, never the corpus). ``half`` restricts the draw to the training half of the
+    held_out split."""
+    from pipeline.sampling import hashed_sample
 
+    eligible = (lambda table: in_training_half(table["id"].to_pylist(), seed)) if half else None
+    sample = hashed_sample(ds, k, seed, _SAMPLE_SALT, ["text"], eligible=eligible, eligible_share=0.5 if half else 1.0)
+    rows = zip(sample["id"].to_pylist(), sample["text"].to_pylist())
+    return sorted((doc_id, (text or "")[:max_chars]) for doc_id, text in rows)
+
+
+def in_training_half(ids: list[str], seed: int):
+    """The rows the reference LM trains on under ``split: held_out`` (the others are scored)."""
     from pipeline.hashing import uniform
 
-    ids = table["id"].to_pylist()
-    u = uniform(ids, seed, _SAMPLE_SALT)
-    keep = u < rate
-    if half:
-        keep &= uniform(ids, seed, HALF_SALT) < 0.5
-    rows = np.flatnonzero(keep)
-    texts = table["text"].to_pylist()
-    return pa.table({"_u": pa.array(u[rows], pa.float64()), "id": pa.array([ids[i] for i in rows], pa.string()),
-                     "text": pa.array([(texts[i] or "")[:max_chars] for i in rows], pa.string())})
-
-
-def sample_input(ds, k: int, seed: int, max_chars: int, half: bool = False) -> list[tuple[str, str]]:
-    """At most ``k`` (id, text) rows of ``ds`` with the smallest seeded id hash, sorted by id.
-
-    Only rows whose hash falls under a rate a little above k/N reach the driver, so the driver
-    holds about 1.2 k truncated texts, never the corpus; the result does not depend on the
-    block layout. ``half`` restricts the draw to the training half of the held_out split.
-    """
-    n = ds.count()
-    if n == 0:
-        return []
-    rate = min(1.0, (1.2 * k + 32) / (n * (0.5 if half else 1.0)))
-    while True:
-        rows = ds.select_columns(["id", "text"]).map_batches(
-            _tag_sample, batch_format="pyarrow",
-            fn_kwargs={"seed": seed, "rate": rate, "max_chars": max_chars, "half": half},
-        ).take_all()
-        if len(rows) >= k or rate >= 1.0:
-            break
-        rate = min(1.0, rate * 2)  # an unlucky draw below k: widen (rare, and deterministic either way)
-    chosen = sorted(rows, key=lambda r: (r["_u"], r["id"]))[:k]
-    return sorted(((r["id"], r["text"]) for r in chosen), key=lambda r: r[0])
+    return uniform(ids, seed, HALF_SALT) < 0.5
 
 
 def sample_reference_data(trusted, k: int, seed: int, max_chars: int) -> tuple[list[tuple[str, str]], int]:

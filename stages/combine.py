@@ -58,7 +58,7 @@ import ray.data
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import StageError
-from pipeline.hashing import uniform
+from pipeline.sampling import hashed_sample
 from stages.base import Stage, StageContext, StageParams
 
 
@@ -212,12 +212,6 @@ def _collect(ds: ray.data.Dataset) -> pa.Table | None:
     return pa.concat_tables(ray.get(refs)) if refs else None
 
 
-def _sample_rows(table: pa.Table, columns: list[str], seed: int, rate: float) -> pa.Table:
-    u = uniform(table["id"].to_pylist(), seed, "combine.ranks")
-    keep = pa.array(u < rate)
-    return table.select(["id", *columns]).append_column("_u", pa.array(u, pa.float64())).filter(keep)
-
-
 class CombineStage(Stage):
     name: ClassVar[str] = "combine"
     Params = CombineParams
@@ -255,11 +249,7 @@ class CombineStage(Stage):
             table = _collect(ds.select_columns(["id", *columns]))
             nulls = {c: int(np.isnan(_values(table[c])).sum()) if table is not None else 0 for c in columns}
         else:
-            rate = min(1.0, (1.1 * p.sample_size + 64) / n_rows)
-            table = _collect(ds.map_batches(_sample_rows, batch_format="pyarrow",
-                                            fn_kwargs={"columns": columns, "seed": seed, "rate": rate}))
-            if table is not None and table.num_rows > p.sample_size:
-                table = table.sort_by([("_u", "ascending"), ("id", "ascending")]).slice(0, p.sample_size)
+            table = hashed_sample(ds, p.sample_size, seed, "combine.ranks", columns)
             sums = ds.select_columns(columns).map_batches(
                 _null_counts, batch_format="pyarrow", fn_kwargs={"columns": columns}
             ).sum([f"_null_{i}" for i in range(len(columns))])

@@ -64,8 +64,7 @@ import pyarrow.compute as pc
 import ray.data
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.hashing import uniform
-from pipeline.reference_lm import HALF_SALT, ReferenceLMSpec
+from pipeline.reference_lm import ReferenceLMSpec, in_training_half
 from pipeline.trusted import TrustedText
 from stages.base import Resources, Stage, StageContext, StageParams, actor_placement
 
@@ -297,7 +296,7 @@ class PerplexityScorer:
         reasons: list[str | None] = [None] * n
         todo = list(range(n))
         if self.half_seed is not None:  # held_out: the training half is not scored
-            train_half = uniform(table["id"].to_pylist(), self.half_seed, HALF_SALT) < 0.5
+            train_half = in_training_half(table["id"].to_pylist(), self.half_seed)
             todo = [i for i in range(n) if not train_half[i]]
             for i in np.flatnonzero(train_half):
                 reasons[i] = "reference_train_half"

@@ -11,9 +11,9 @@ and the same rows are kept whatever Ray's block layout. Thresholds are two (valu
   ``keep`` fraction centred on the median.
 - When the scored rows number at most ``sample_size`` (default 200,000), the cut points come from
   all of them (only the ``id`` and score columns reach the driver), and exactly
-  ``round(keep * scored rows)`` rows (at least one) are kept. Above that, they are quantiles of a seeded sample
-  of about ``sample_size`` rows drawn by id hash, so the kept count is ``keep * N`` up to sampling
-  error (about ±0.3% of N at 200,000 samples).
+  ``round(keep * scored rows)`` rows (at least one) are kept. Above that, they are quantiles of the
+  ``sample_size`` scored rows with the smallest seeded id hash (``pipeline.sampling``), so the kept
+  count is ``keep * N`` up to sampling error (about ±0.3% of N at 200,000 samples).
 
 Rows are never filtered here: the stage marks them in ``_drop_reason`` and the runner keeps them
 out of the shards, stores them under the stage's ``dropped/`` cache folder and counts them by
@@ -33,7 +33,7 @@ import ray.data
 from pydantic import Field, model_validator
 
 from pipeline.errors import StageError
-from pipeline.hashing import uniform
+from pipeline.sampling import hashed_sample
 from stages.base import Stage, StageContext, StageParams
 
 PRESETS: dict[str, dict[str, Any]] = {"points": {"rule": "low", "keep": 0.2}}
@@ -66,14 +66,6 @@ class SelectPerplexityParams(StageParams):
 
 def _valid(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.invert(pc.is_null(column, nan_is_null=True))
-
-
-def _tag_sample(table: pa.Table, column: str, seed: int, rate: float) -> pa.Table:
-    table = table.filter(_valid(table[column]))
-    if rate < 1.0:
-        u = uniform(table["id"].to_pylist(), seed, _SALT)
-        table = table.filter(pa.array(u < rate))
-    return table.select(["id", column])
 
 
 def _after(values: pa.ChunkedArray, ids: pa.ChunkedArray, cut: tuple[float, str], inclusive: bool) -> pa.Array:
@@ -133,21 +125,23 @@ class SelectPerplexityStage(Stage):
             raise StageError(f"select_perplexity: column {p.column!r} does not exist (columns: {ctx.input_columns}); "
                              "run the perplexity stage first")
         seed = ctx.seed if p.seed is None else p.seed
-        pairs = ds.select_columns(["id", p.column])
-        rows = ds.count()  # from metadata; the scored rows are counted only when a sample is needed
-        scored = rows if rows <= p.sample_size else pairs.map_batches(
-            lambda t: t.filter(_valid(t[p.column])), batch_format="pyarrow").count()
-        rate = 1.0 if scored <= p.sample_size else p.sample_size / scored
-        sample = pairs.map_batches(_tag_sample, batch_format="pyarrow",
-                                   fn_kwargs={"column": p.column, "seed": seed, "rate": rate}).take_all()
-        if rate >= 1.0:
-            scored = len(sample)
-        ranked = sorted((float(r[p.column]), str(r["id"])) for r in sample)
+        column = p.column
+        sample = hashed_sample(ds, p.sample_size + 1, seed, _SALT, [column],
+                               eligible=lambda table: _valid(table[column]).to_numpy(zero_copy_only=False))
+        exact = sample.num_rows <= p.sample_size  # the draw found no more scored rows than this: all of them
+        if exact:
+            scored = sample.num_rows
+        else:
+            sample = sample.slice(0, p.sample_size)
+            scored = ds.select_columns([column]).map_batches(
+                lambda t: t.filter(_valid(t[column])), batch_format="pyarrow").count()
+        ranked = sorted(zip(sample[column].to_pylist(), sample["id"].to_pylist()))
+        ranked = [(float(value), str(doc_id)) for value, doc_id in ranked]
         low, high, kept = cut_points(ranked, p.rule, p.keep)
         ctx.info.update({
             "rule": p.rule, "keep": p.keep, "column": p.column, "scored_rows": scored,
-            "exact": rate >= 1.0, "sample_rows": len(ranked),
-            "expected_kept": kept if rate >= 1.0 else int(round(kept / max(1, len(ranked)) * scored)),
+            "exact": exact, "sample_rows": len(ranked),
+            "expected_kept": kept if exact else int(round(kept / max(1, len(ranked)) * scored)),
             "lower_cut": None if low is None else {"value": low[0], "id": low[1]},
             "upper_cut": None if high is None else {"value": high[0], "id": high[1]},
             "value_range_kept": _kept_range(ranked, low, high),
