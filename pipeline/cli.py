@@ -12,6 +12,13 @@ from pathlib import Path
 from pipeline.errors import ConfigError, CurriculumError
 
 
+def add_config_options(parser: argparse.ArgumentParser, set_example: str, ray_help: str) -> None:
+    """The options every command that reads a config takes: ``--set`` overrides and the Ray address."""
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config value, e.g. {set_example}")
+    parser.add_argument("--ray-address", help=f"{ray_help} (default: ray.address, RAY_ADDRESS, or local)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curriculum", description="Score, select, augment and order a corpus into curricula.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -19,9 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the curation stages and write a run folder")
     run.add_argument("config", help="YAML config")
     run.add_argument("--out", help="run folder (default: runs/<run.name>)")
-    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config value, e.g. --set run.seed=3 or --set stages.order.key=ppl")
-    run.add_argument("--ray-address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, or local)")
+    add_config_options(run, "--set run.seed=3 or --set stages.order.key=ppl", "Ray cluster address")
 
     synth = sub.add_parser("synth", help="write a synthetic corpus with known ground truth")
     synth.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")

@@ -102,10 +102,13 @@ class OutputConfig(StrictModel):
     keep_embeddings: bool = Field(False, description="Copy embedding columns into the shards.")
 
 
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+
+
 def expand_input_paths(path: str, fmt: str) -> list[str]:
     """The files a ``path`` names: a file, every matching file in a folder, or a glob. Sorted."""
     suffixes = {
-        "jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz"),
+        "jsonl": JSONL_SUFFIXES,
         "parquet": (".parquet",),
         "text": None,
     }[fmt]

@@ -21,9 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.config import expand_input_paths
-
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+from pipeline.config import JSONL_SUFFIXES, expand_input_paths
 
 
 class _Strict(BaseModel):
@@ -49,7 +47,7 @@ class SyntheticSource(_Strict):
 
 
 def _infer_format(path: str) -> Literal["jsonl", "parquet", "text"]:
-    if path.endswith(_JSONL_SUFFIXES):
+    if path.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if path.endswith(".parquet"):
         return "parquet"

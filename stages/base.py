@@ -14,6 +14,7 @@ therefore drawn by hashing ids (``pipeline.sampling``), never by position.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -117,3 +118,18 @@ def actor_placement(ctx: StageContext, device: str, num_gpus: float | None, conc
         per_actor = num_gpus if num_gpus else 1.0
         return device, concurrency or max(1, int(gpus / per_actor)), per_actor, threads
     return device, concurrency or max(1, ctx.cluster_cpus // threads), 0.0, threads
+
+
+def variant_params(data: dict[str, Any], fields: Iterable[str], allowed: Iterable[str],
+                   defaults: dict[str, Any], always: Iterable[str] = ()) -> tuple[list[str], dict[str, Any]]:
+    """For a params model whose keys depend on a variant (a method, a function): the keys set (not
+    null) that belong to the model but not to this variant, and ``data`` with the variant's
+    defaults filled in where unset. The caller raises its own message when the first is not empty."""
+    skip = {*allowed, *always}
+    known = set(fields)
+    wrong = [k for k, v in data.items() if k in known and k not in skip and v is not None]
+    filled = dict(data)
+    for key, value in defaults.items():
+        if filled.get(key) is None:
+            filled[key] = value
+    return wrong, filled

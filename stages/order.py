@@ -52,7 +52,7 @@ from pipeline.hashing import hash64
 from pipeline.positions import assign_positions
 from stages import pacing as pacing_lib
 from stages import replay as replay_lib
-from stages.base import Stage, StageContext, StageParams
+from stages.base import Stage, StageContext, StageParams, variant_params
 from stages.pacing import PacingSchedule
 from stages.repeats import TIMES
 
@@ -123,18 +123,14 @@ class OrderParams(StageParams):
         if method not in METHOD_KEYS:
             return data  # the Literal names the allowed methods
         allowed = METHOD_KEYS[method]
-        wrong = [k for k, v in data.items()
-                 if k in cls.model_fields and k not in ("name", "method", "seed") and k not in allowed and v is not None]
+        wrong, filled = variant_params(data, cls.model_fields, allowed, METHOD_DEFAULTS[method],
+                                       always=("name", "method", "seed"))
         if wrong:
             takes = ", ".join(allowed) or "no parameters besides seed"
             hint = (" (quality methods read the key with higher_is_better and quality_order, not direction)"
                     if "direction" in wrong else "")
             raise ValueError(f"{', '.join(wrong)}: not a parameter of method {method!r}{hint}; "
                              f"method {method!r} takes: {takes}")
-        filled = dict(data)
-        for key, value in METHOD_DEFAULTS[method].items():
-            if filled.get(key) is None:
-                filled[key] = value
         return filled
 
     @model_validator(mode="after")
@@ -155,8 +151,8 @@ def _random_key(table: pa.Table, seed: int) -> pa.Table:
     return table.append_column(_SORT_KEY, keys).append_column(_NULL_FLAG, pa.array([0] * table.num_rows, pa.int8()))
 
 
-def _column_key(table: pa.Table, key: str) -> pa.Table:
-    column = table[key]
+def _sortable(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(values with nulls and NaN filled, int8 null flag): a column Ray can sort on, nulls flagged."""
     nulls = pc.is_null(column, nan_is_null=True)
     if pa.types.is_boolean(column.type):
         column = pc.cast(column, pa.int8())  # false < true, and a fill value that arrow accepts
@@ -166,7 +162,12 @@ def _column_key(table: pa.Table, key: str) -> pa.Table:
         filled = pc.fill_null(column, 0)
     else:
         filled = pc.fill_null(column.cast(pa.string()), "")
-    return table.append_column(_SORT_KEY, filled).append_column(_NULL_FLAG, pc.cast(nulls, pa.int8()))
+    return filled, pc.cast(nulls, pa.int8())
+
+
+def _column_key(table: pa.Table, key: str) -> pa.Table:
+    filled, nulls = _sortable(table[key])
+    return table.append_column(_SORT_KEY, filled).append_column(_NULL_FLAG, nulls)
 
 
 def _quality_key(table: pa.Table, key: str, key_descending: bool, group: str | None = None) -> pa.Table:
@@ -186,17 +187,8 @@ def _quality_key(table: pa.Table, key: str, key_descending: bool, group: str | N
 
 
 def _add_group(table: pa.Table, group: str) -> pa.Table:
-    column = table[group]
-    nulls = pc.is_null(column, nan_is_null=pa.types.is_floating(column.type))
-    if pa.types.is_boolean(column.type):
-        column = pc.cast(column, pa.int8())
-    if pa.types.is_floating(column.type):
-        filled = pc.if_else(nulls, pa.scalar(0.0, column.type), column)
-    elif pa.types.is_integer(column.type):
-        filled = pc.fill_null(column, 0)
-    else:
-        filled = pc.fill_null(column.cast(pa.string()), "")
-    return table.append_column(_GROUP, filled).append_column(_GROUP_NULL, pc.cast(nulls, pa.int8()))
+    filled, nulls = _sortable(table[group])
+    return table.append_column(_GROUP, filled).append_column(_GROUP_NULL, nulls)
 
 
 def _derived(table: pa.Table, seed: int, salt: str, streams: int) -> list[np.ndarray]:

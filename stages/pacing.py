@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.base import variant_params
 from stages.repeats import expand
 
 FUNCTIONS = ("fixed_linear", "fixed_root", "fixed_discrete", "sqrt", "p")
@@ -85,17 +86,13 @@ class PacingSchedule(BaseModel):
         if function not in _FUNCTION_KEYS:
             return data  # the Literal reports the allowed functions
         allowed = _FUNCTION_KEYS[function]
-        wrong = [k for k, v in data.items() if k in cls.model_fields and k != "function" and k not in allowed
-                 and v is not None]
+        wrong, filled = variant_params(data, cls.model_fields, allowed, _FUNCTION_DEFAULTS[function],
+                                       always=("function",))
         if wrong:
             raise ValueError(
                 f"{', '.join(wrong)}: not a parameter of pacing function {function!r} "
                 f"(its parameters: {', '.join(allowed)}; functions: {', '.join(FUNCTIONS)})"
             )
-        filled = dict(data)
-        for key, value in _FUNCTION_DEFAULTS[function].items():
-            if filled.get(key) is None:
-                filled[key] = value
         return filled
 
     @model_validator(mode="after")

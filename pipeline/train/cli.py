@@ -9,13 +9,13 @@ from pipeline.errors import ConfigError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from pipeline.cli import add_config_options  # pipeline.cli imports this module lazily: no cycle
+
     train = sub.add_parser("train", help="train a causal LM on a run folder's shards, in shard order")
     train.add_argument("config", help="YAML config (the same file as `curriculum run`; its train: section)")
     train.add_argument("--data", help="run folder to train on (default: runs/<run.name>)")
     train.add_argument("--out", help="training folder (default: runs/<run.name>-train); rerun to resume")
-    train.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config value, e.g. --set train.max_tokens=100000")
-    train.add_argument("--ray-address", help="Ray cluster for train.workers > 1 (default: ray.address, RAY_ADDRESS, or local)")
+    add_config_options(train, "--set train.max_tokens=100000", "Ray cluster for train.workers > 1")
 
     average = sub.add_parser("average", help="average checkpoints (sma/ema/wma) or models (uniform/greedy soup)")
     average.add_argument("checkpoints", nargs="+", metavar="CKPT",

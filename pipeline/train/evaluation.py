@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import JSONL_SUFFIXES
 from pipeline.errors import ConfigError, CurriculumError
 
 
@@ -56,7 +57,7 @@ def _iter_texts(spec: Any) -> Iterator[str]:
         yield from _parquet_texts(files, field)
     elif path.suffix == ".parquet":
         yield from _parquet_texts([path], field)
-    elif any(path.name.endswith(s) for s in (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
+    elif path.name.endswith(JSONL_SUFFIXES):
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as fh:
             for number, line in enumerate(fh, start=1):

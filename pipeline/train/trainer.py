@@ -56,6 +56,7 @@ from typing import Any
 
 from pipeline.config import Config, sha256_json
 from pipeline.errors import ConfigError, CurriculumError
+from pipeline.manifest import read_manifest
 from pipeline.train.config import TrainConfig
 
 Log = Callable[[str], None]
@@ -136,7 +137,7 @@ def plan_training(config: Config, data: str | Path | None = None, out: str | Pat
 
 def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
     """What fixes the trajectory: a changed value here makes old checkpoints unusable."""
-    manifest = json.loads((Path(plan.data_dir) / "manifest.json").read_text())
+    manifest = read_manifest(Path(plan.data_dir))
     shards = [s.get("sha256") for s in manifest.get("shards", [])]
     train = plan.train.model_dump(mode="json", exclude=set(_FREE_KEYS))
     vocab = sorted(tokenizer.get_vocab().items())
@@ -158,7 +159,7 @@ def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     if train.model.pretrained:
         return (_load_tokenizer(train.model.pretrained, train.model.trust_remote_code),
                 f"model.pretrained {train.model.pretrained}")
-    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest = read_manifest(data_dir)
     reference = (manifest.get("artifacts") or {}).get("reference_lm")
     if reference:
         return _load_tokenizer(str(data_dir / reference), False), f"reference LM {reference}"
