@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONSTRAINTS := constraints-cpu.txt
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test lint install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,7 +26,11 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/curriculum run $(CONFIG)
 
-test: install-dev
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 bench: install-dev

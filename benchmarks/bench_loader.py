@@ -23,19 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import OUT_DIR  # noqa: E402  (first: puts the checkout on sys.path)
-
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from common import OUT_DIR  # noqa: E402  (first: puts the checkout on sys.path)
 
-from pipeline.train.loader import CurriculumLoader, Encoder, shard_files  # noqa: E402
+from pipeline.io.runfolder import shard_files  # noqa: E402
+from pipeline.train.loader import CurriculumLoader, Encoder  # noqa: E402
 
 OUT = OUT_DIR
 
 
 def make_run(docs: int) -> Path:
-    from pipeline.config import validate_config
-    from pipeline.runner import run_pipeline
+    from pipeline.engine.config import validate_config
+    from pipeline.engine.runner import run_pipeline
 
     folder = OUT / f"loader-run-{docs}"
     if not (folder / "manifest.json").is_file():
@@ -81,7 +81,7 @@ def main() -> int:
     run_dir = Path(args.data) if args.data else make_run(args.docs)
     files = shard_files(run_dir)
 
-    from pipeline.lm import train_bpe_tokenizer
+    from pipeline.models.lm import train_bpe_tokenizer
 
     sample = pq.read_table(files[0], columns=["text"])["text"].to_pylist()[:1000]
     tokenizer = train_bpe_tokenizer(sample, vocab_size=4096)

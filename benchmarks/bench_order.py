@@ -55,8 +55,8 @@ def strategies(rows: int) -> dict[str, dict]:
 
 def build_base(rows: int) -> Path:
     """The quality stage's cached output folder for ``rows`` synthetic documents."""
-    from pipeline.config import validate_config
-    from pipeline.runner import run_pipeline
+    from pipeline.engine.config import validate_config
+    from pipeline.engine.runner import run_pipeline
 
     run_dir = OUT / f"order_base_{rows}"
     found = sorted(run_dir.glob("stages/01-quality-*/data"))
@@ -81,7 +81,7 @@ def one(strategy: str, params: dict, data: Path, address: str) -> dict:
     import ray
     import ray.data
 
-    from pipeline.cache import StageCache
+    from pipeline.engine.cache import StageCache
     from stages.base import StageContext
     from stages.order import OrderParams, OrderStage
 

@@ -53,7 +53,7 @@ def _load_real(limit: int | None) -> list[dict[str, Any]]:
 
 
 def _load_synthetic(n: int) -> list[dict[str, Any]]:
-    from pipeline.synth import graded_document
+    from pipeline.io.synth import graded_document
 
     return [{"id": d["id"], "text": d["text"], "true_quality": d["true_quality"]} for d in
             (graded_document(i, 0) for i in range(n))]
@@ -61,7 +61,7 @@ def _load_synthetic(n: int) -> list[dict[str, Any]]:
 
 def _train(rows: list[dict[str, Any]], folder: Path, steps: int | None, max_length: int) -> dict[str, Any]:
     """The stage's reference LM: the hashed sample (here all rows, sorted by id), default spec."""
-    from pipeline.reference_lm import ReferenceLMSpec, train_reference_lm
+    from pipeline.models.reference_lm import ReferenceLMSpec, train_reference_lm
 
     spec = ReferenceLMSpec() if steps is None else ReferenceLMSpec(steps=steps)
     texts = [r["text"] for r in sorted(rows, key=lambda r: r["id"])[: spec.max_docs]]
@@ -109,7 +109,7 @@ def _stage(rows: list[dict[str, Any]], model: Path, tmp: Path, max_length: int, 
 
 def _windows(scorer, texts: list[str]) -> list[tuple[list[int], int]]:
     """Every window of every document as (token ids, targets it scores), as the stage plans them."""
-    from stages.perplexity import plan_windows
+    from pipeline.models.windows import plan_windows
 
     out = []
     for seq in scorer.tokenize(texts):
@@ -123,7 +123,7 @@ def _raw(scorer, scored_windows: list[tuple[list[int], int]], token_budget: int,
     import torch
     import torch.nn.functional as F
 
-    from stages.perplexity import padded_length
+    from pipeline.models.windows import padded_length
 
     model = scorer.model
     windows = [w for w, _ in scored_windows]
@@ -203,7 +203,7 @@ def _deciles(rows: list[dict[str, Any]], scores: dict[str, float]) -> dict[str, 
 def _corpus(name: str, rows: list[dict[str, Any]], tmp: Path, args: argparse.Namespace, out: dict[str, Any]) -> None:
     import torch
 
-    from stages.perplexity import PerplexityScorer
+    from pipeline.models.causal_lm_scorer import PerplexityScorer
 
     print(f"[{name}] training the reference LM on {len(rows)} docs ...", flush=True)
     model = tmp / f"ref-{name}"

@@ -32,12 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import OUT_DIR, REAL_MIX  # noqa: E402  (first: puts the checkout on sys.path)
 
-from pipeline.config import validate_config  # noqa: E402
-from pipeline.hashing import uniform  # noqa: E402
-from pipeline.runner import run_pipeline  # noqa: E402
+from pipeline.core.hashing import uniform  # noqa: E402
+from pipeline.engine.config import validate_config  # noqa: E402
+from pipeline.engine.runner import run_pipeline  # noqa: E402
 from stages.combine import RECIPE  # noqa: E402
 from stages.registry import get_stage_class  # noqa: E402
 

@@ -2,14 +2,15 @@
 
 A stage is a small class with a ``name``, a pydantic ``Params`` model, the ``columns`` it adds,
 the ``resources`` one of its workers needs, and a single ``apply(ds, ctx) -> ds``. It receives a
-``ray.data.Dataset`` and returns one; the runner materializes the result into the stage cache,
-counts rows and records the stage in the manifest. Stages never exit the process and never
-pull the corpus into the driver: per-row work uses ``map_batches``; global steps fit on a
-bounded, seeded sample or use Ray's distributed operations.
+``ray.data.Dataset`` and returns one; the runner places the stage's workers from its declared
+resources (``ctx.placement``), materializes the result into the stage cache, counts rows and
+records the stage in the manifest. Stages never exit the process and never pull the corpus
+into the driver: per-row work uses ``map_batches``; global steps fit on a bounded, seeded sample
+or use Ray's distributed operations.
 
 Stages must be order-insensitive: the same set of input rows gives the same output rows
 whatever their block layout, so shard bytes do not depend on Ray's parallelism. Samples are
-therefore drawn by hashing ids (``pipeline.sampling``), never by position.
+therefore drawn by hashing ids (``pipeline.core.sampling``), never by position.
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ from typing import Any, ClassVar
 import ray.data
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.models.pool import Placement, Resources
+
 
 class StageParams(BaseModel):
     """Base of every stage's params model; ``name`` selects the stage in the config."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
     name: str
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one worker of the stage asks Ray for."""
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
 
 
 @dataclass
@@ -47,7 +42,13 @@ class StageContext:
     ``info`` is copied into the manifest's entry for the stage; ``order`` (set by the order
     stage) becomes the manifest's ``order`` section; ``artifacts`` (name -> path relative to
     the run folder, e.g. ``reference_lm``) is merged into the manifest's ``artifacts`` section,
-    where later consumers such as the trainer find them.
+    where later consumers such as the trainer find them. ``placement`` is where the stage's
+    actor pool runs, resolved by the runner from ``Stage.resources()`` and the cluster.
+
+    ``added`` and ``dropped`` (reason -> rows) declare row-count changes that the ``_drop_reason``
+    column does not carry (e.g. the repeats of a paced curriculum). The runner checks that
+    rows out = rows in - dropped + added, reason by reason summed, and fails the run otherwise:
+    a stage cannot lose or gain a row without saying why.
     """
 
     run_dir: Path
@@ -57,14 +58,9 @@ class StageContext:
     info: dict[str, Any] = field(default_factory=dict)
     order: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def cluster_cpus(self) -> int:
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-    @property
-    def cluster_gpus(self) -> int:
-        return int(ray.cluster_resources().get("GPU", 0))
+    placement: Placement = field(default_factory=lambda: Placement("cpu", 1, 0.0, 1))
+    added: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 class Stage:
@@ -79,6 +75,7 @@ class Stage:
         self.params = params
 
     def resources(self) -> Resources:
+        """What one worker needs; a model stage returns its device, threads, GPUs and actor count."""
         return Resources()
 
     def cache_inputs(self) -> object:
@@ -101,23 +98,6 @@ class Stage:
 
     def apply(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
         raise NotImplementedError
-
-
-def actor_placement(ctx: StageContext, device: str, num_gpus: float | None, concurrency: int | None,
-                    threads: int | None) -> tuple[str, int, float, int]:
-    """(device, actors, GPUs per actor, torch threads per actor) of a model stage's actor pool.
-
-    ``device: auto`` means CUDA when the cluster has GPUs. On CUDA: ``num_gpus`` per actor
-    (default 1) and, by default, as many actors as the GPUs hold. On CPU: ``threads`` per actor
-    (default 1) and, by default, one actor per ``threads`` CPUs of the cluster.
-    """
-    gpus = ctx.cluster_gpus
-    device = device if device != "auto" else ("cuda" if gpus else "cpu")
-    threads = threads or 1
-    if device.startswith("cuda"):
-        per_actor = num_gpus if num_gpus else 1.0
-        return device, concurrency or max(1, int(gpus / per_actor)), per_actor, threads
-    return device, concurrency or max(1, ctx.cluster_cpus // threads), 0.0, threads
 
 
 def variant_params(data: dict[str, Any], fields: Iterable[str], allowed: Iterable[str],

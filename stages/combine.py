@@ -57,8 +57,8 @@ import ray
 import ray.data
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.errors import StageError
-from pipeline.sampling import hashed_sample
+from pipeline.core.errors import StageError
+from pipeline.core.sampling import hashed_sample
 from stages.base import Stage, StageContext, StageParams
 
 

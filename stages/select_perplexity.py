@@ -1,25 +1,11 @@
 """Select documents by perplexity: keep the lowest, middle or highest ``keep`` fraction.
 
-Method: Ankner et al. (ICLR 2025, "Perplexed by Perplexity") select by reference-LM perplexity
-with a *low*, *medium* or *high* rule at a selection rate (the best rule depends on the data
-set); POINTS (2024) keeps the lowest 20% (``preset: points``). METHODS.md §1.
-
-Rows are ranked by (``column``, ``id``): ties are broken by id, so the ranking is a total order
-and the same rows are kept whatever Ray's block layout. Thresholds are two (value, id) cut points:
-
-- ``low`` keeps the first ``keep`` fraction of that ranking, ``high`` the last, ``medium`` the
-  ``keep`` fraction centred on the median.
-- When the scored rows number at most ``sample_size`` (default 200,000), the cut points come from
-  all of them (only the ``id`` and score columns reach the driver), and exactly
-  ``round(keep * scored rows)`` rows (at least one) are kept. Above that, they are quantiles of the
-  ``sample_size`` scored rows with the smallest seeded id hash (``pipeline.sampling``), so the kept
-  count is ``keep * N`` up to sampling error (about ±0.3% of N at 200,000 samples).
-
-Rows are never filtered here: the stage marks them in ``_drop_reason`` and the runner keeps them
-out of the shards, stores them under the stage's ``dropped/`` cache folder and counts them by
-reason in the manifest (``select_perplexity.<column>_too_high`` / ``_too_low``, and
-``select_perplexity.no_score`` for rows without a score, e.g. the training half of the strict
-``held_out`` split; ``nulls: keep`` keeps those instead).
+Ankner et al. (ICLR 2025) select by reference-LM perplexity with a *low*, *medium* or *high*
+rule (the best rule depends on the data set); POINTS (2024) keeps the lowest 20%
+(``preset: points``). Rows are ranked by (``column``, ``id``), a total order. Up to
+``sample_size`` scored rows the cut points are exact; above, they come from a seeded hashed
+sample. Rows are not filtered but marked in ``_drop_reason``: the runner stores them under the
+stage's ``dropped/`` folder and counts them by reason, so a re-selection needs no rescoring.
 """
 
 from __future__ import annotations
@@ -32,8 +18,8 @@ import pyarrow.compute as pc
 import ray.data
 from pydantic import Field, model_validator
 
-from pipeline.errors import StageError
-from pipeline.sampling import hashed_sample
+from pipeline.core.errors import StageError
+from pipeline.core.sampling import hashed_sample
 from stages.base import Stage, StageContext, StageParams
 
 PRESETS: dict[str, dict[str, Any]] = {"points": {"rule": "low", "keep": 0.2}}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import validate_config
-from pipeline.errors import ConfigError, StageError
+from pipeline.core.errors import ConfigError, StageError
+from pipeline.engine.config import validate_config
 from stages.base import StageContext
 from stages.combine import RECIPE, CombineParams, CombineStage, percentile_ranks, recipe_terms
 
@@ -158,7 +158,7 @@ def test_a_run_scores_combines_and_orders_by_quality(ray_address, tmp_path):
     import polars as pl
     from scipy.stats import spearmanr
 
-    from pipeline.runner import run_pipeline
+    from pipeline.engine.runner import run_pipeline
 
     config = validate_config({
         "run": {"name": "combine", "seed": 0},
@@ -181,10 +181,10 @@ def test_a_run_scores_combines_and_orders_by_quality(ray_address, tmp_path):
 
 def test_inspect_correlations_are_oriented_and_warn_on_a_domain_detector():
     """`curriculum inspect`'s signal correlations: each signal oriented higher = better, and a
-    warning when quality_clf runs against the other signals (METHODS.md §1b)."""
+    warning when quality_clf runs against the other signals (docs/methods.md §4)."""
     import polars as pl
 
-    from pipeline.report import rank_correlations
+    from pipeline.engine.report import rank_correlations
 
     good = np.linspace(0, 1, 50)
     signals = {"ppl": 100 - 90 * good, "alpha_ratio": 0.5 + 0.5 * good, "symbol_ratio": 0.3 - 0.3 * good}

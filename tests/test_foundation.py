@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config, validate_config
-from pipeline.errors import ConfigError
-from pipeline.hashing import content_id
-from pipeline.runner import run_pipeline
+from pipeline.core.errors import ConfigError
+from pipeline.core.hashing import content_id
+from pipeline.engine.config import load_config, validate_config
+from pipeline.engine.runner import run_pipeline
 from stages.quality import QualityFilter, document_signals
 
 PROSE = "The quick brown fox jumps over the lazy dog while the cat watches from the warm window."
@@ -107,7 +107,7 @@ def test_hf_reader_loads_a_local_dataset_with_datasets(ray_address, tmp_path):
 
 
 def test_synthetic_reader_matches_synth_generator(ray_address, tmp_path):
-    from pipeline.synth import graded_document
+    from pipeline.io.synth import graded_document
 
     manifest, out = run(tmp_path, {"input": {"format": "synthetic", "synthetic": {"docs": 40, "seed": 3}}})
     df = shard_frame(out).sort("id")

@@ -20,14 +20,14 @@ import pytest
 import ray
 import ray.data
 
-from pipeline.config import validate_config
-from pipeline.errors import ConfigError, StageError
-from pipeline.hashing import hash64
-from pipeline.runner import run_pipeline
-from pipeline.synth import graded_document
+from pipeline.core.errors import ConfigError, StageError
+from pipeline.core.hashing import hash64
+from pipeline.engine.config import validate_config
+from pipeline.engine.runner import run_pipeline
+from pipeline.io.synth import graded_document
 from stages.base import StageContext
 from stages.order import OrderParams, OrderStage
-from stages.pacing import PacingSchedule, difficulty
+from stages.order.pacing import PacingSchedule, difficulty
 
 N = 240
 NULL_IDS = {"syn-0000003", "syn-0000100"}
@@ -259,10 +259,12 @@ def test_replay_repeats_earlier_phases_by_the_power_law(ray_address, corpus):
     ({"method": "shuffle"}, "stages[0].method: Input should be 'random', 'sort'"),
     ({"method": "sort"}, "method 'sort' needs key"),
     ({"method": "pacing"}, "total_samples: method 'pacing' needs total_samples"),
-    ({"method": "sort", "key": "q", "buckets": 4}, "buckets: not a parameter of method 'sort'; method 'sort' takes: key, direction"),
+    ({"method": "sort", "key": "q", "buckets": 4},
+     "buckets: not a parameter of method 'sort'; method 'sort' takes: key, direction"),
     ({"method": "quality_ascending", "direction": "descending"}, "higher_is_better and quality_order, not direction"),
     ({"method": "buckets", "buckets": 0}, "stages[0].buckets: Input should be greater than or equal to 1"),
-    ({"method": "pacing", "total_samples": 9, "pacing": {"function": "cosine"}}, "stages[0].pacing.function: Input should be 'fixed_linear'"),
+    ({"method": "pacing", "total_samples": 9, "pacing": {"function": "cosine"}},
+     "stages[0].pacing.function: Input should be 'fixed_linear'"),
     ({"method": "pacing", "total_samples": 9, "pacing": {"function": "sqrt", "root_degree": 2}},
      "root_degree: not a parameter of pacing function 'sqrt' (its parameters: initial_competence, total_curriculum_step"),
     ({"method": "pacing", "total_samples": 9, "pacing": {"function": "fixed_discrete", "difficulty": [0.2, 1.0]}},

@@ -22,12 +22,12 @@ import ray.data
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from stages import pacing as pacing_lib
-from stages import replay as replay_lib
 from stages.base import StageContext
 from stages.order import OrderParams, OrderStage, _bucket_of, _folded_phase, _sample_keys, bucket_boundaries
-from stages.pacing import PacingPlan, PacingSchedule
-from stages.repeats import expand
+from stages.order import pacing as pacing_lib
+from stages.order import replay as replay_lib
+from stages.order.pacing import PacingPlan, PacingSchedule
+from stages.order.repeats import expand
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -108,7 +108,8 @@ def test_pacing_blocks_give_the_same_rows_whatever_the_split(n, total, batch, cu
         piece = table.slice(a, b - a).take(rng.permutation(b - a))  # shuffled inside the block too
         parts.append(pacing_lib.expand_block(piece, plan, "_rank"))
     split = pa.concat_tables(parts)
-    key = lambda t: sorted(zip(t["step"].to_pylist(), t["_slot"].to_pylist(), t["id"].to_pylist(), t["repeat"].to_pylist()))
+    def key(t):
+        return sorted(zip(t["step"].to_pylist(), t["_slot"].to_pylist(), t["id"].to_pylist(), t["repeat"].to_pylist()))
     assert key(whole) == key(split) and whole.num_rows == total
 
 
@@ -158,7 +159,8 @@ def test_replay_blocks_give_the_same_rows_whatever_the_split(n, phases, fraction
     whole = replay_lib.expand_block(table, plan, "_rank")
     split = pa.concat_tables([replay_lib.expand_block(table.slice(0, cut), plan, "_rank"),
                               replay_lib.expand_block(table.slice(cut), plan, "_rank")])
-    key = lambda t: sorted(zip(t["id"].to_pylist(), t["phase"].to_pylist(), t["_v"].to_pylist()))
+    def key(t):
+        return sorted(zip(t["id"].to_pylist(), t["phase"].to_pylist(), t["_v"].to_pylist()))
     assert key(whole) == key(split)
     own = whole.filter(pa.compute.equal(whole["repeat"], 0))
     assert sorted(own["id"].to_pylist()) == sorted(table["id"].to_pylist())

@@ -1,4 +1,4 @@
-"""Perplexity scoring (stages/perplexity.py), the reference LM (pipeline/reference_lm.py) and
+"""Perplexity scoring (the perplexity stage and its kernel), the reference LM and
 perplexity selection (stages/select_perplexity.py), with real tiny transformers models, a real
 local Ray cluster and the real CLI."""
 
@@ -14,14 +14,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import validate_config
-from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.hashing import uniform
-from pipeline.lm import build_causal_lm, train_bpe_tokenizer
-from pipeline.reference_lm import HALF_SALT
-from pipeline.synth import graded_document
+from pipeline.core.errors import ConfigError, ModelLoadError
+from pipeline.core.hashing import uniform
+from pipeline.engine.config import validate_config
+from pipeline.io.synth import graded_document
+from pipeline.models.causal_lm_scorer import PerplexityScorer
+from pipeline.models.lm import build_causal_lm, train_bpe_tokenizer
+from pipeline.models.pool import Placement, place
+from pipeline.models.reference_lm import HALF_SALT
+from pipeline.models.windows import plan_windows
 from stages.base import StageContext
-from stages.perplexity import PerplexityParams, PerplexityScorer, PerplexityStage, plan_windows
+from stages.perplexity import PerplexityParams, PerplexityStage
 from stages.select_perplexity import SelectPerplexityParams, SelectPerplexityStage, _mark, cut_points
 
 TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}
@@ -153,26 +156,15 @@ def test_bf16_scores_follow_fp32(tiny_lm: Path) -> None:
     np.testing.assert_allclose(bf16.score_texts(texts)[0], fp32, rtol=0.02)
 
 
-class _GPUCluster(StageContext):
-    @property
-    def cluster_gpus(self) -> int:
-        return 4
-
-    @property
-    def cluster_cpus(self) -> int:
-        return 64
-
-
 @pytest.mark.parametrize(("params", "expected"), [
     ({}, ("cuda", 4, 1.0, 1)),                                   # one actor per GPU
     ({"num_gpus": 0.5}, ("cuda", 8, 0.5, 1)),                    # two small models per GPU
     ({"device": "cpu", "threads": 4}, ("cpu", 16, 0.0, 4)),      # CPUs // threads
     ({"concurrency": 2}, ("cuda", 2, 1.0, 1)),
 ])
-def test_actor_placement_on_a_gpu_cluster(tmp_path: Path, params: dict, expected: tuple) -> None:
-    ctx = _GPUCluster(run_dir=tmp_path, artifact_dir=tmp_path, seed=0, input_columns=["id", "text"])
+def test_actor_placement_on_a_gpu_cluster(params: dict, expected: tuple) -> None:
     stage = PerplexityStage(PerplexityParams(model="some/model", **params))
-    assert stage.placement(ctx) == expected
+    assert place(stage.resources(), cpus=64, gpus=4) == Placement(*expected)
 
 
 def test_output_rows_keep_the_input_order(scorer: PerplexityScorer) -> None:
@@ -208,7 +200,7 @@ def test_reference_lm_perplexity_tracks_true_quality(tmp_path: Path) -> None:
     """A small, honest version of the benchmark's check (there: 4,000 docs, the default LM, >= 0.8)."""
     from scipy.stats import spearmanr
 
-    from pipeline.reference_lm import ReferenceLMSpec, train_reference_lm
+    from pipeline.models.reference_lm import ReferenceLMSpec, train_reference_lm
 
     docs = _docs(300)
     spec = ReferenceLMSpec(steps=150, lr=0.01, vocab_size=2048, batch_size=16, seq_len=64, threads=1,

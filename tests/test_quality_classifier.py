@@ -10,21 +10,19 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.cache import stage_key, stage_spec
-from pipeline.config import validate_config
-from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.hashing import bottom_k
-from pipeline.trusted import SyntheticSource, _synthetic_texts
-from pipeline.synth import graded_document
+from pipeline.core.errors import ConfigError, ModelLoadError
+from pipeline.core.hashing import bottom_k
+from pipeline.engine.cache import stage_key, stage_spec
+from pipeline.engine.config import validate_config
+from pipeline.io.synth import graded_document
+from pipeline.io.trusted import SyntheticSource, _synthetic_texts
+from pipeline.models.ngram_classifier import Features, fit_cross_fitted, fold_of, predict_proba
+from pipeline.models.sequence_classifier import SequenceClassifierScorer
 from stages.base import StageContext
 from stages.quality_classifier import (
     POSITIVES_SALT,
-    Features,
     QualityClassifierParams,
     QualityClassifierStage,
-    fit_cross_fitted,
-    fold_of,
-    predict_proba,
     sample_negatives,
 )
 
@@ -121,7 +119,7 @@ def test_every_row_is_scored_by_a_model_that_did_not_train_on_it():
 
 
 def test_trusted_text_reads_files_leniently_and_at_most_max_read(tmp_path):
-    from pipeline.trusted import TrustedText
+    from pipeline.io.trusted import TrustedText
 
     path = tmp_path / "trusted.jsonl"
     lines = [json.dumps({"body": f"trusted document {i}"}) for i in range(100)]
@@ -134,7 +132,7 @@ def test_trusted_text_reads_files_leniently_and_at_most_max_read(tmp_path):
 
 
 def test_bottom_k_is_the_k_smallest_hashes_whatever_the_stream_order():
-    from pipeline.hashing import content_id, hash64
+    from pipeline.core.hashing import content_id, hash64
 
     texts = [f"document number {i} " * (1 + i % 5) for i in range(3000)] + ["dup"] * 50
     kept, seen = bottom_k(texts, 20, seed=7, salt=POSITIVES_SALT, max_chars=10_000)
@@ -223,7 +221,7 @@ def tiny_classifier(tmp_path_factory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from pipeline.lm import train_bpe_tokenizer
+    from pipeline.models.lm import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-cls")
     tokenizer = train_bpe_tokenizer([r["text"] for r in corpus(200)], vocab_size=400)
@@ -261,8 +259,6 @@ def test_hub_classifier_matches_a_direct_transformers_computation(ray_address, t
 def test_hub_classifier_score_does_not_depend_on_its_batch(ray_address, tiny_classifier):
     """Alone or among 200 documents in another order, with another token budget, with the CUDA
     path's fixed batch shapes: the same bytes. (Plain length-sorted packing changed 8 of 200.)"""
-    from stages.quality_classifier import SequenceClassifierScorer
-
     texts = [r["text"] for r in corpus(200)] + ["x", "short one"]
 
     def scorer(max_tokens: int, fixed: bool = False) -> SequenceClassifierScorer:

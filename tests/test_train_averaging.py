@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from pipeline.cli import main
 from pipeline.train.averaging import average_checkpoints, average_state, averaging_weights, greedy_soup
 
-
 # --------------------------------------------------------------------------- weights
 
 
@@ -100,7 +99,7 @@ def test_bf16_checkpoints_average_as_fp32_math_says(tmp_path: Path):
 
 
 def test_mismatched_checkpoints_are_refused(tmp_path: Path):
-    from pipeline.errors import CurriculumError
+    from pipeline.core.errors import CurriculumError
 
     a = _write(tmp_path / "a.safetensors", {"w": torch.zeros(3)})
     b = _write(tmp_path / "b.safetensors", {"v": torch.zeros(3)})
@@ -204,8 +203,8 @@ def test_cli_average_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_cli_greedy_soup_with_real_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    from pipeline.lm import build_causal_lm, train_bpe_tokenizer
-    from pipeline.synth import graded_document
+    from pipeline.io.synth import graded_document
+    from pipeline.models.lm import build_causal_lm, train_bpe_tokenizer
 
     texts = [graded_document(i, 5)["text"] for i in range(60)]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=300)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.errors import CurriculumError
+from pipeline.core.errors import CurriculumError
 from pipeline.train.loader import CurriculumLoader
 
 RUN_CONFIG = {
@@ -25,8 +25,8 @@ RUN_CONFIG = {
 
 def build_run_folder(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Path:
     """One run folder per test session, written by the real pipeline (shared by the train tests)."""
-    from pipeline.config import validate_config
-    from pipeline.runner import run_pipeline
+    from pipeline.engine.config import validate_config
+    from pipeline.engine.runner import run_pipeline
 
     folder = tmp_path_factory.getbasetemp() / "train-run"
     if not (folder / "manifest.json").is_file():
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(run_dir: Path):
-    from pipeline.lm import train_bpe_tokenizer
+    from pipeline.models.lm import train_bpe_tokenizer
 
     texts = pq.read_table(run_dir / "shards" / "part-00000.parquet", columns=["text"])["text"].to_pylist()
     return train_bpe_tokenizer(texts, vocab_size=400)

@@ -189,7 +189,7 @@ def test_two_ray_train_workers_read_the_curriculum_in_order_once_per_epoch(run_d
                                                                            ray_address: str):
     from transformers import AutoTokenizer
 
-    from pipeline.config import validate_config
+    from pipeline.engine.config import validate_config
     from pipeline.train.trainer import run_training
 
     steps, batch = 26, 64  # a little over one epoch of the 240 documents (~85k tokens)
@@ -232,7 +232,7 @@ def test_two_ray_train_workers_read_the_curriculum_in_order_once_per_epoch(run_d
 
 @pytest.mark.parametrize("preset", ["baseline", "cma", "cdma"])
 def test_presets_match_the_paper_settings(preset: str):
-    from pipeline.config import load_config
+    from pipeline.engine.config import load_config
     from pipeline.train.config import TrainConfig
 
     config = load_config(ROOT / "configs" / f"{preset}.yaml")
@@ -258,8 +258,8 @@ def test_presets_match_the_paper_settings(preset: str):
 def test_tokenizer_comes_from_the_runs_reference_lm(run_dir: Path, tmp_path: Path):
     import shutil
 
-    from pipeline.config import validate_config
-    from pipeline.lm import train_bpe_tokenizer
+    from pipeline.engine.config import validate_config
+    from pipeline.models.lm import train_bpe_tokenizer
     from pipeline.train.trainer import plan_training, resolve_tokenizer
 
     data = tmp_path / "run"

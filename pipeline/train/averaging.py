@@ -1,29 +1,13 @@
 """Checkpoint averaging (CMA/CDMA, Luo et al., ICLR 2026) and model soups (POINTS, 2024).
 
-Averaging the last k checkpoints of a constant- or moderately-decayed LR run recovers what a
-decay to zero would give, without wasting the best (last) data of an ascending curriculum
-(METHODS.md §4). Weights over k checkpoints, oldest first, newest last (``i`` = 0 for the
-newest):
-
-- ``sma``: ``1 / k`` each;
-- ``ema``: ``alpha^i / Σ_j alpha^j`` (alpha = 0.2 puts 0.8 on the newest);
-- ``wma``: ``(k - i) / Σ_j (k - j)``, linearly increasing toward the newest;
-- ``uniform``: the uniform soup, the same weights as ``sma``, for models from different runs.
-
-Pitfalls handled (from torch ``swa_utils``, fairseq and timm): floating tensors are accumulated
-in float32 (float64 for float64 tensors) whatever their stored dtype, so averaging bf16
-checkpoints does not freeze; integer and bool tensors (step counters, masks) are copied from
-the newest checkpoint, never averaged. The result keeps float32 unless ``dtype='same'`` asks
-for the newest checkpoint's dtypes. Memory: one float32 accumulator per tensor plus one tensor
-being read, read tensor by tensor through ``safetensors``.
-
-The **greedy soup** (POINTS; Wortsman et al. 2022) sorts the models by eval loss, starts from
-the best, and adds each next model only if the soup's eval loss does not get worse.
-
-Inputs are checkpoint folders (``model.safetensors`` or a sharded ``model.safetensors.index.json``)
-or ``.safetensors`` files. When the newest input is a Hugging Face folder, its config and
-tokenizer files are copied next to the averaged weights, so ``AutoModelForCausalLM.from_pretrained``
-loads the result; ``averaging.json`` records the method, checkpoints and weights.
+Averaging the last checkpoints of a constant or moderately decayed LR run recovers what a decay
+to zero would give without wasting the best (last) data of an ascending curriculum. Methods:
+``sma``, ``ema``, ``wma``, ``uniform`` and the greedy soup; their weights are in docs/methods.md §8.
+Floating tensors are accumulated in float32 whatever their stored dtype (bf16 averages do not
+freeze); integer and bool tensors are copied from the newest checkpoint. Tensors are read one by
+one through safetensors. When the newest input is a Hugging Face folder its config and tokenizer
+are copied beside the result, so ``from_pretrained`` loads it; ``averaging.json`` records the
+method, checkpoints and weights.
 """
 
 from __future__ import annotations
@@ -35,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, CurriculumError
+from pipeline.core.errors import ConfigError, CurriculumError
 
 METHODS = ("sma", "ema", "wma", "uniform")
 WEIGHTS_NAME = "model.safetensors"

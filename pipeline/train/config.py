@@ -1,7 +1,7 @@
-"""The ``train:`` section of the config (DESIGN.md), validated like every other section.
+"""The ``train:`` section of the config (docs/run-folder.md), validated like every other section.
 
 Every model forbids unknown keys, so ``train.schedule.decay_shap`` is an error that names the
-key, never ignored. The contract keys are DESIGN.md's; the rest are documented here and in
+key, never ignored. The contract keys are those of docs/run-folder.md; the rest are documented here and in
 README.md ("Training").
 
 Batch arithmetic: ``batch_size`` is the **global** batch, in sequences of ``seq_len`` tokens per
@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.models.lm import check_model_config
 
 
 class ModelSpec(StrictModel):
@@ -29,8 +30,6 @@ class ModelSpec(StrictModel):
         if (self.config is None) == (self.pretrained is None):
             raise ValueError("give exactly one of model.config (a transformers config) or model.pretrained (a path)")
         if self.config is not None:
-            from pipeline.lm import check_model_config
-
             try:
                 check_model_config(self.config)
             except ValueError as exc:
@@ -60,12 +59,12 @@ class AveragingConfig(StrictModel):
     alpha: float = Field(0.2, gt=0, le=1, description="ema: weight alpha^i for the i-th newest checkpoint.")
     every: int = Field(100, ge=1, description="Checkpoint spacing in optimizer steps.")
     dtype: Literal["float32", "same"] = Field(
-        "float32", description="Averaged weights in float32 (default; see METHODS.md §4 pitfalls) or the model's dtype."
+        "float32", description="Averaged weights in float32 (default; see docs/methods.md §8) or the model's dtype."
     )
 
 
 class SyntheticEval(StrictModel):
-    """A held-out slice of the synthetic graded corpus (``pipeline.synth``), by true quality."""
+    """A held-out slice of the synthetic graded corpus (``pipeline.io.synth``), by true quality."""
 
     docs: int = Field(200, ge=1)
     seed: int = Field(1000, ge=0, description="Use a seed other than run.seed so no training document repeats.")
@@ -105,7 +104,8 @@ class EvalConfig(StrictModel):
 class TrainConfig(StrictModel):
     model: ModelSpec = ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2})
     tokenizer: str | None = Field(
-        None, description="HF tokenizer folder; default: model.pretrained's, else the run's reference LM's, else a BPE trained on the shards."
+        None, description="HF tokenizer folder; default: model.pretrained's, else the run's reference LM's, "
+        "else a BPE trained on the shards."
     )
     tokenizer_vocab_size: int = Field(4096, ge=300, description="Vocabulary of the BPE trained when no tokenizer is given.")
     tokenizer_sample_docs: int = Field(5000, ge=1, description="Documents (hash-sampled) to train that BPE on.")

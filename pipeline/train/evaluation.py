@@ -15,14 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JSONL_SUFFIXES
-from pipeline.errors import ConfigError, CurriculumError
+from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.core.paths import JSONL_SUFFIXES
+from pipeline.io.runfolder import shard_files
+from pipeline.io.synth import graded_document
+from pipeline.train.config import EvalSet
+from pipeline.train.loader import Encoder
 
 
 def eval_set_spec(value: Any):
     """A ``train.eval.sets`` value (a path string or an ``EvalSet``) as an ``EvalSet``."""
-    from pipeline.train.config import EvalSet
-
     return EvalSet(path=value) if isinstance(value, str) else value
 
 
@@ -36,8 +38,6 @@ def check_eval_sets(sets: dict[str, Any]) -> None:
 
 def _iter_texts(spec: Any) -> Iterator[str]:
     if spec.synthetic is not None:
-        from pipeline.synth import graded_document
-
         s = spec.synthetic
         index = 0
         kept = 0
@@ -51,8 +51,6 @@ def _iter_texts(spec: Any) -> Iterator[str]:
     path = Path(spec.path)
     field = spec.text_field
     if path.is_dir():
-        from pipeline.train.loader import shard_files
-
         files = shard_files(path)
         yield from _parquet_texts(files, field)
     elif path.suffix == ".parquet":
@@ -90,8 +88,6 @@ def eval_sequences(spec: Any, tokenizer: Any, seq_len: int, max_tokens: int):
     import numpy as np
     import torch
 
-    from pipeline.train.loader import Encoder
-
     spec = eval_set_spec(spec)
     encoder = Encoder(tokenizer)
     limit = max(seq_len, (max_tokens // seq_len) * seq_len)
@@ -127,7 +123,8 @@ def load_eval_sets(sets: dict[str, Any], tokenizer: Any, seq_len: int, max_token
     return {name: eval_sequences(spec, tokenizer, seq_len, max_tokens) for name, spec in sets.items()}
 
 
-def evaluate(model: Any, data: dict[str, Any], batch_size: int = 8, device: str = "cpu", autocast_dtype: Any = None) -> dict[str, float]:
+def evaluate(model: Any, data: dict[str, Any], batch_size: int = 8, device: str = "cpu",
+             autocast_dtype: Any = None) -> dict[str, float]:
     """``{name: mean token NLL}`` of ``model`` on each prepared set (see :func:`eval_sequences`)."""
     import torch
     import torch.nn.functional as F
@@ -143,7 +140,8 @@ def evaluate(model: Any, data: dict[str, Any], batch_size: int = 8, device: str 
                 for start in range(0, len(ids), batch_size):
                     x = ids[start : start + batch_size].to(device)
                     m = mask[start : start + batch_size].to(device)
-                    with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
+                                        enabled=autocast_dtype is not None):
                         logits = model(input_ids=x, attention_mask=m).logits
                     targets = x[:, 1:].masked_fill(m[:, 1:] == 0, -100)
                     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),

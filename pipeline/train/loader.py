@@ -1,51 +1,12 @@
 """The curriculum loader: a run folder's shards -> token batches, in ``position`` order.
 
-**Order.** Shards are read in file-name order and ``position`` runs 0 … N−1 (DESIGN.md), so the
-token stream is the documents in curriculum order, each followed by the EOS token. After the
-last document the stream starts again at position 0 (epoch 1, 2, …) unless ``max_epochs`` is set.
-The loader checks that every document it reads has the position it expects, so shards from a
-broken run cannot silently reorder training.
-
-**Packing.** ``packing="pack"`` cuts the stream into ``seq_len`` sequences with no padding: a
-document may straddle two sequences (and two batches), and a sequence holds several documents
-separated by EOS (the GPT-2/nanoGPT convention; no cross-document attention mask). ``"pad"``
-gives each document its own sequences: a document longer than ``seq_len`` is split, never
-truncated, and the last piece is padded (``attention_mask`` 0, ``labels`` -100). A batch is
-``batch_size`` consecutive sequences of the stream.
-
-**Batches.** Dicts of tensors: ``input_ids``, ``attention_mask``, ``labels`` (int64, ``[B, L]``),
-``positions`` (the ``position`` of the document each token comes from, -1 for padding),
-``index`` (the global batch number) and ``state``: the loader state after this batch (below). Everything is a function of the
-shards, the tokenizer and the settings: no randomness, no dependence on timing.
-
-**Ranks.** With ``world_size`` ranks, the global stream of batches b = 0, 1, 2, … is dealt
-round-robin: rank r takes the batches with ``b % world_size == r``. Reading batch ``b`` of every
-rank in turn therefore gives exactly the single-process stream, so the global order is the
-curriculum order and each token is seen once per epoch. Every rank reads and tokenizes the
-whole stream (packing needs the token counts of the batches it skips); tokenization is cheap
-next to a training step, and ``num_workers`` spreads it over processes.
-
-**State and resume.** The state is a cursor into the stream: ``{epoch, row, offset, batch}`` —
-the next global batch ``batch`` starts at token ``offset`` of document ``row`` (its position)
-in ``epoch``. ``state["batch"]`` is always the start of a round of ``world_size`` batches, so
-after every rank has taken the same number of batches all ranks report the same state, and
-``load_state_dict`` of that state resumes every rank (with any ``world_size``) at the exact next
-token. ``state_dict()`` is the state after the last batch this object yielded; when the loader
-is wrapped in a ``DataLoader`` with workers, the iteration happens in copies, so take
-``batch["state"]`` of the last batch consumed instead.
-
-**Workers.** ``num_workers > 0`` tokenizes in that many ``DataLoader`` worker processes: chunks
-of ``chunk_rows`` documents are dealt round-robin to the workers, whose outputs the
-``DataLoader`` returns in the same round-robin order, so the order is preserved. The loader is
-also an ``IterableDataset`` itself: inside a user's ``DataLoader(loader, batch_size=None,
-num_workers=W)`` worker w yields this rank's batches k with ``k % W == w``, which the
-``DataLoader`` interleaves back into order.
-
-**Memory.** Shards are streamed in record batches of ``chunk_rows`` rows (a parquet row group at
-most is decoded at a time); the token buffer holds about one chunk.
-
-Text containing the EOS token's literal string (``<|endoftext|>``) is tokenized as that special
-token, as Hugging Face tokenizers do by default.
+Shards are read in name order and every document's position is checked, so a broken run cannot
+silently reorder training. ``pack`` cuts the EOS-separated stream into ``seq_len`` sequences;
+``pad`` gives each document its own. With ``world_size`` ranks the global batches are dealt
+round-robin, so reading every rank's batch b in turn gives the single-process stream. The
+state is a cursor ``{epoch, row, offset, batch}`` that resumes every rank, with any world size,
+at the exact next token. No randomness, no dependence on timing. The contract in full
+(packing, batches, ranks, workers, memory) is in docs/training.md.
 """
 
 from __future__ import annotations
@@ -61,19 +22,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.errors import ConfigError, CurriculumError
+from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.io.runfolder import shard_files
 
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
-
-
-def shard_files(run_dir: str | Path) -> list[Path]:
-    """The run folder's shards in name order (the training order), or a clear error."""
-    run_dir = Path(run_dir)
-    folder = run_dir / "shards"
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        raise ConfigError(f"{run_dir}: no shards/*.parquet (not a run folder? run `curriculum run CONFIG` first)")
-    return files
 
 
 class Encoder:
@@ -273,7 +225,8 @@ class CurriculumLoader(IterableDataset):
     def _cursor(self, grow: int, tpos: int) -> dict[str, int]:
         return {"epoch": int(grow // self.source.rows), "row": int(grow % self.source.rows), "offset": int(tpos)}
 
-    def _global_batches(self, start: dict[str, int], in_worker: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]]:
+    def _global_batches(self, start: dict[str, int],
+                        in_worker: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]]:
         """(b, tokens, grow, tpos, cursor after) for every global batch from ``start`` on."""
         L, B = self.seq_len, self.batch_size
         tok = np.empty(0, np.int32)

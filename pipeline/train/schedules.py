@@ -1,21 +1,10 @@
-"""Learning-rate schedules as pure functions of the step (Luo et al., ICLR 2026: METHODS.md §4).
+"""Learning-rate schedules as pure functions of the step (Luo et al., ICLR 2026).
 
-Every schedule is ``lr(step)`` for a 0-based optimizer step ``step`` of ``total`` steps:
-
-- **warmup** (all kinds): steps ``0 … w-1`` ramp linearly, ``lr = peak * (s + 1) / w``, so the
-  last warmup step trains at the peak and no step trains at 0.
-- **constant**: the peak after warmup.
-- **cosine**: ``final + (peak - final) * (1 + cos(pi * p)) / 2`` over the steps after warmup.
-- **linear**: ``peak + (final - peak) * p``, a straight line down to the floor ``final``.
-- **wsd** (warmup-stable-decay): the peak until the decay phase, which is the last
-  ``round(decay_fraction * total)`` steps; there ``r`` is the share of the decay done and the
-  shape is ``linear``, ``cosine`` or ``1-sqrt``: ``peak * (1 - sqrt(r)) + final * sqrt(r)``.
-
-``final = peak * final_lr_ratio``. The progress ``p`` (or ``r``) is ``(s - start + 1) / (total -
-start)``, so the **last step trains at exactly the final LR**: with an ascending curriculum the
-last steps see the best data, and the schedule states precisely which LR they get. Progress is
-clamped to [0, 1]: after the last step the LR stays at the final value and never climbs again
-(unlike Hugging Face's cosine, which keeps following the cosine back up).
+``constant``, ``cosine``, ``linear`` and ``wsd`` (warmup-stable-decay with a ``linear``,
+``cosine`` or ``1-sqrt`` decay), each after a linear warmup, ending at ``peak * final_lr_ratio``.
+Progress is counted so that the last step trains at exactly the final LR (with an ascending
+curriculum the last steps see the best data), and it is clamped, so the LR never climbs back
+after the last step. The formulas are in docs/methods.md §7.
 """
 
 from __future__ import annotations

@@ -1,43 +1,11 @@
 """``curriculum train``: a causal LM trained on a run folder's shards, in shard order.
 
-The loop reads top to bottom (nanoGPT style): LR from the schedule, ``grad_accum`` micro-batches
-from the curriculum loader, AdamW with gradient clipping, then logging, eval and checkpoints.
-The schedule and averaging are designed with the order (Luo et al., ICLR 2026; METHODS.md §4).
-
-Decisions (see also README.md, "Training"):
-
-- **Folders.** ``--data`` defaults to ``runs/<run.name>``; ``--out`` to ``runs/<run.name>-train``
-  (beside the run folder, not inside it: the run folder is an input that ``curriculum run``
-  rewrites, and one data folder often feeds several trainings).
-- **Tokenizer.** ``train.tokenizer``, else ``model.pretrained``'s own, else the run's reference LM
-  (``manifest.json`` ``artifacts.reference_lm``), else a byte-level BPE trained on a seeded hash
-  sample of ``tokenizer_sample_docs`` documents (sampled by id, not by position, so it does not
-  see only the start of the curriculum). The tokenizer used is saved to ``OUT/tokenizer``.
-- **Loss.** The token-weighted mean next-token NLL of the whole global batch: each micro-batch's
-  summed loss is divided by the batch's token count across micro-batches and workers, so one
-  worker and N workers (and any ``grad_accum``) optimize the same objective.
-- **Precision.** fp32 weights and optimizer; bf16 autocast on CUDA (``precision: auto``), fp32 on CPU.
-- **Checkpoints.** Every ``averaging.every`` steps and at the last step, in
-  ``OUT/checkpoints/step-NNNNNNN/``: the model in Hugging Face layout (loadable as is), the
-  tokenizer, ``trainer_state.safetensors`` (AdamW tensors and every rank's RNG state; no pickle)
-  and ``state.json`` (step, tokens, loader cursor, schedule, logging window, fingerprint). A
-  checkpoint is written to a temporary folder and renamed, so a folder with ``state.json`` is
-  complete. The last ``averaging.last_k`` checkpoints on the grid plus the newest are kept.
-- **Resume.** Running again with the same ``--out`` resumes from the newest complete checkpoint;
-  ``metrics.jsonl`` (and the trace) are cut back to that step first. With deterministic
-  algorithms on (the default) a resumed CPU run ends with the same weights and the same
-  metrics as an uninterrupted one. A changed config that would change the trajectory (model,
-  data, tokenizer, batch, schedule, optimizer, seed, workers…) is refused: use a new ``--out``.
-  Eval, logging, averaging method and checkpoint spacing may change between attempts.
-- **Outputs.** ``OUT/final/`` and ``OUT/averaged/`` (Hugging Face layout; ``averaging.json``),
-  ``OUT/metrics.jsonl`` and ``OUT/summary.json`` (final and averaged eval losses). The averaging
-  window is the last ``last_k`` checkpoints on the ``every`` grid, where the last step always
-  counts as one.
-- **Workers.** ``train.workers > 1`` runs the same loop on Ray Train's ``TorchTrainer`` (DDP,
-  gloo on CPU). Rank r reads its slice of the loader (every world-th micro-batch), so the global
-  order is the curriculum order; the loader cursor, which Ray's iterators do not save, is
-  stored in the checkpoint. ``OUT`` must be on storage every worker sees (one machine, or NFS);
-  Ray Train keeps its own run records in ``OUT/ray/``.
+The loop reads top to bottom, in the manner of nanoGPT's ``train.py``: ``setup_worker`` (model,
+loader, optimizer), ``resume`` (the newest complete checkpoint, or a seeded start), then per step
+the LR from the schedule, ``train_step`` over ``grad_accum`` micro-batches, ``log_metrics`` and
+``checkpoint``. The schedule and averaging are designed with the order (Luo et al., ICLR 2026).
+``train.workers > 1`` runs the same loop on Ray Train (DDP). The decisions (folders, tokenizer,
+loss, precision, resume, workers) are written up in docs/training.md.
 """
 
 from __future__ import annotations
@@ -50,22 +18,45 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from pipeline.config import Config, sha256_json
-from pipeline.errors import ConfigError, CurriculumError
-from pipeline.manifest import read_manifest
+from pipeline.core.errors import ConfigError, CurriculumError, ModelLoadError
+from pipeline.core.hashing import sha256_json, uniform
+from pipeline.core.ray_session import connect_ray
+from pipeline.core.settings import RayConfig, RunConfig
+from pipeline.io.runfolder import read_manifest, shard_files
+from pipeline.models.lm import build_causal_lm, compute_dtype, load_causal_lm, resolve_device, train_bpe_tokenizer
+from pipeline.train.averaging import average_checkpoints
+from pipeline.train.checkpoints import (
+    STATE_FILE,
+    TRAINER_STATE,
+    clean_temporaries,
+    complete_checkpoints,
+    load_model_weights,
+    load_optimizer,
+    prune_checkpoints,
+    save_checkpoint,
+    truncate_jsonl,
+)
 from pipeline.train.config import TrainConfig
+from pipeline.train.evaluation import check_eval_sets, evaluate, load_eval_sets
+from pipeline.train.loader import CurriculumLoader
+from pipeline.train.schedules import schedule_from_config
 
 Log = Callable[[str], None]
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "state.json"
-TRAINER_STATE = "trainer_state.safetensors"
 ATTEMPT_FILE = ".attempt.json"  # rank 0's throughput figures, for the driver (Ray workers)
 # Keys of the train config that do not change the trajectory: they may differ on resume.
 _FREE_KEYS = ("eval", "log_every", "loader_workers", "trace", "averaging", "deterministic", "threads")
+
+
+class JobConfig(Protocol):
+    """What training reads of a pipeline config: the run, the Ray settings and the ``train:`` section."""
+
+    run: RunConfig
+    ray: RayConfig
+    train: dict[str, Any] | None
 
 
 def _stderr(message: str) -> None:
@@ -89,18 +80,14 @@ class TrainPlan:
     fingerprint: str = ""
 
 
-def default_paths(config: Config, data: str | Path | None, out: str | Path | None) -> tuple[Path, Path]:
+def default_paths(config: JobConfig, data: str | Path | None, out: str | Path | None) -> tuple[Path, Path]:
     data_dir = Path(data) if data else Path("runs") / config.run.name
     out_dir = Path(out) if out else Path("runs") / f"{config.run.name}-train"
     return data_dir, out_dir
 
 
-def plan_training(config: Config, data: str | Path | None = None, out: str | Path | None = None) -> TrainPlan:
+def plan_training(config: JobConfig, data: str | Path | None = None, out: str | Path | None = None) -> TrainPlan:
     """Validate what can be checked before anything is written; ConfigError otherwise."""
-    from pipeline.lm import resolve_device
-    from pipeline.train.evaluation import check_eval_sets
-    from pipeline.train.loader import shard_files
-
     train = TrainConfig.model_validate(config.train or {})
     data_dir, out_dir = default_paths(config, data, out)
     if not (data_dir / "manifest.json").is_file():
@@ -126,8 +113,6 @@ def plan_training(config: Config, data: str | Path | None = None, out: str | Pat
     elif train.precision == "fp32":
         precision = "fp32"
     else:
-        from pipeline.lm import compute_dtype
-
         import torch
 
         precision = "bf16" if compute_dtype(device) == torch.bfloat16 else "fp32"
@@ -150,8 +135,6 @@ def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
 
 def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     """(tokenizer, where it came from); see the module docstring for the order."""
-    from pipeline.lm import train_bpe_tokenizer
-
     train = plan.train
     data_dir, out_dir = Path(plan.data_dir), Path(plan.out_dir)
     if train.tokenizer:
@@ -176,8 +159,6 @@ def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from pipeline.errors import ModelLoadError
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
@@ -190,9 +171,6 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
 def _tokenizer_sample(data_dir: Path, docs: int, seed: int) -> list[str]:
     """About ``docs`` documents drawn by a seeded hash of their id; sorted by id (deterministic)."""
     import pyarrow.parquet as pq
-
-    from pipeline.hashing import uniform
-    from pipeline.train.loader import shard_files
 
     files = shard_files(data_dir)
     rows = sum(pq.read_metadata(f).num_rows for f in files)
@@ -210,8 +188,6 @@ def _tokenizer_sample(data_dir: Path, docs: int, seed: int) -> list[str]:
 
 def build_model(plan: TrainPlan, tokenizer: Any):
     """The model to train, in fp32: built from ``model.config`` or loaded from ``model.pretrained``."""
-    from pipeline.lm import build_causal_lm, load_causal_lm
-
     spec = plan.train.model
     if spec.pretrained:
         import torch
@@ -226,113 +202,6 @@ def build_model(plan: TrainPlan, tokenizer: Any):
     if limit is not None and plan.train.seq_len > limit:
         raise ConfigError(f"train.seq_len {plan.train.seq_len} exceeds the model's {limit} positions")
     return model
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / CHECKPOINTS / f"step-{step:07d}"
-
-
-def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    found = []
-    if root.is_dir():
-        for folder in root.iterdir():
-            if folder.name.startswith("step-") and folder.name[5:].isdigit() and (folder / STATE_FILE).is_file():
-                found.append((int(folder.name[5:]), folder))
-    return sorted(found)
-
-
-def _optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
-    return tensors, state["param_groups"]
-
-
-def _load_optimizer(optimizer: Any, tensors: dict[str, Any], groups: list[dict[str, Any]]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(out_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any,
-                    rng: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write one checkpoint atomically (temporary folder, then rename)."""
-    from safetensors.torch import save_file
-
-    root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(out_dir, step)
-    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tensors, groups = _optimizer_tensors(optimizer)
-    tensors.update({k: v.contiguous() for k, v in rng.items()})
-    save_file(tensors, str(tmp / TRAINER_STATE), metadata={"format": "pt"})
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer_param_groups": groups}, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
-
-
-def prune_checkpoints(out_dir: Path, every: int, keep: int) -> None:
-    """Keep the last ``keep`` checkpoints on the ``every`` grid plus the newest; drop stale temporaries."""
-    found = complete_checkpoints(out_dir)
-    if not found:
-        return
-    grid = [s for s, _ in found if s % every == 0][-keep:]
-    keep_steps = set(grid) | {found[-1][0]}
-    for step, folder in found:
-        if step not in keep_steps:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _clean_temporaries(out_dir: Path) -> None:
-    root = out_dir / CHECKPOINTS
-    if root.is_dir():
-        for folder in root.glob(".step-*.tmp-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def load_model_weights(model: Any, folder: Path) -> None:
-    """Load a checkpoint's model.safetensors into ``model``; only tied weights may be absent."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    params = model.state_dict(keep_vars=True)
-    loaded_ptrs = {params[k].data_ptr() for k in weights if k in params}
-    untied = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]
-    if untied or unexpected:
-        raise CurriculumError(f"checkpoint {folder} does not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` up to ``step`` (a resumed run rewrites the rest identically)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the crash
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -350,19 +219,50 @@ def _runs(positions: Any) -> list[list[int]]:
     return [[int(v), int(c)] for v, c in zip(values, counts)]
 
 
-def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stderr) -> dict[str, Any]:
-    """The training loop of one worker (rank ``rank`` of ``world``). Returns throughput figures."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoTokenizer
+@dataclass
+class Worker:
+    """What one rank holds while it trains: the model (and its DDP wrapper), optimizer and loader."""
 
-    from pipeline.train.evaluation import evaluate, load_eval_sets
-    from pipeline.train.loader import CurriculumLoader
-    from pipeline.train.schedules import schedule_from_config
+    plan: TrainPlan
+    rank: int
+    world: int
+    device: str
+    autocast_dtype: Any
+    tokenizer: Any
+    model: Any
+    train_model: Any
+    optimizer: Any
+    loader: CurriculumLoader
+
+    def all_sum(self, value: float) -> float:
+        """``value`` summed over the ranks (float64)."""
+        if self.world == 1:
+            return value
+        import torch
+
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.item()
+
+
+@dataclass
+class Progress:
+    """The loop's counters; saved in every checkpoint, so a resumed run continues them exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    window: list[float] = field(default_factory=lambda: [0.0, 0])  # (loss sum, steps) since the last log line
+
+
+def setup_worker(plan: TrainPlan, rank: int, world: int) -> tuple[Worker, Any]:
+    """Torch settings, model, loader and optimizer of one rank; with the newest checkpoint's
+    trainer state (tensors) when there is one to resume from, else None."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     cfg = plan.train
     out_dir = Path(plan.out_dir)
-    distributed = world > 1
     if plan.device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if cfg.deterministic:
@@ -371,161 +271,198 @@ def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stder
         torch.set_num_threads(cfg.threads)
     _quiet_transformers()
     device = plan.device
-    if distributed and device == "cuda":
+    if world > 1 and device == "cuda":
         import ray.train.torch
 
         device = str(ray.train.torch.get_device())
-    autocast_dtype = torch.bfloat16 if plan.precision == "bf16" else None
 
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir / "tokenizer"))
     model = build_model(plan, tokenizer)
     model.train()
-    # Weight decay on matrices only, not on biases and norm gains (the GPT-2/nanoGPT convention).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt_cfg = cfg.optimizer
-    optimizer_args = dict(lr=opt_cfg.lr, betas=opt_cfg.betas, eps=opt_cfg.eps)
     loader = CurriculumLoader(plan.data_dir, tokenizer, cfg.seq_len, cfg.micro_batch, cfg.packing,
                               world_size=world, rank=rank, num_workers=cfg.loader_workers)
-
-    step, tokens, window = 0, 0, [0.0, 0]
+    trainer_state = None
     found = complete_checkpoints(out_dir)
-    resumed_from, state, extra = None, None, None
     if found:
-        from safetensors.torch import load_file
+        load_model_weights(model, found[-1][1])
+        trainer_state = load_file(str(found[-1][1] / TRAINER_STATE))
+    model.to(device)
+    # Weight decay on matrices only, not on biases and norm gains (the GPT-2/nanoGPT convention).
+    opt = cfg.optimizer
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    train_model = model
+    if world > 1:
+        import ray.train.torch
 
-        resumed_from, folder = found[-1]
+        train_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    autocast_dtype = torch.bfloat16 if plan.precision == "bf16" else None
+    worker = Worker(plan, rank, world, device, autocast_dtype, tokenizer, model, train_model, optimizer, loader)
+    return worker, trainer_state
+
+
+def resume(worker: Worker, trainer_state: Any, log: Log) -> tuple[Progress, int | None]:
+    """Restore optimizer, loader cursor, counters and RNG from the newest checkpoint, or seed a fresh
+    run; cut the metrics (and trace) back to the step resumed from. Returns (progress, resumed step)."""
+    import torch
+
+    plan, rank = worker.plan, worker.rank
+    out_dir = Path(plan.out_dir)
+    progress, resumed_from = Progress(), None
+    if trainer_state is not None:
+        resumed_from, folder = complete_checkpoints(out_dir)[-1]
         state = json.loads((folder / STATE_FILE).read_text())
         if state.get("fingerprint") != plan.fingerprint:
             raise ConfigError(f"{out_dir}: its checkpoints come from another training config or data; "
                               "use a new --out (or delete the old one)")
-        load_model_weights(model, folder)
-        extra = load_file(str(folder / TRAINER_STATE))
-    model.to(device)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt_cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], **optimizer_args)
-    if state is not None:
-        _load_optimizer(optimizer, extra, state["optimizer_param_groups"])
-        loader.load_state_dict(state["loader"])
-        step, tokens, window = state["step"], state["tokens"], list(state["window"])
-        torch.set_rng_state(extra[f"rng.rank{rank}.cpu"])
-        if device.startswith("cuda") and f"rng.rank{rank}.cuda" in extra:
-            torch.cuda.set_rng_state(extra[f"rng.rank{rank}.cuda"])
+        load_optimizer(worker.optimizer, trainer_state, state["optimizer_param_groups"])
+        worker.loader.load_state_dict(state["loader"])
+        progress = Progress(state["step"], state["tokens"], list(state["window"]))
+        torch.set_rng_state(trainer_state[f"rng.rank{rank}.cpu"])
+        if worker.device.startswith("cuda") and f"rng.rank{rank}.cuda" in trainer_state:
+            torch.cuda.set_rng_state(trainer_state[f"rng.rank{rank}.cuda"])
         if rank == 0:
-            log(f"[train] resuming from {found[-1][1].name} (step {step} of {plan.total_steps})")
+            log(f"[train] resuming from {folder.name} (step {progress.step} of {plan.total_steps})")
     else:
         torch.manual_seed(plan.seed * 1_000_003 + rank + 1)  # dropout: different on each rank
     if rank == 0:
-        _truncate_jsonl(out_dir / "metrics.jsonl", step)
-    if cfg.trace:
+        truncate_jsonl(out_dir / "metrics.jsonl", progress.step)
+    if plan.train.trace:
         (out_dir / "trace").mkdir(parents=True, exist_ok=True)
-        _truncate_jsonl(out_dir / "trace" / f"rank-{rank}.jsonl", step)
-    if distributed:
-        import ray.train.torch
+        truncate_jsonl(out_dir / "trace" / f"rank-{rank}.jsonl", progress.step)
+    return progress, resumed_from
 
-        train_model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+def train_step(worker: Worker, micro: list[dict[str, Any]], lr: float, trace: Any, step: int) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (global mean loss, global tokens).
+
+    The loss is the token-weighted mean over the whole global batch: each micro-batch's summed
+    NLL is divided by the token count across micro-batches and ranks, so one rank and N ranks
+    (and any ``grad_accum``) optimize the same objective.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device, world = worker.device, worker.world
+    for group in worker.optimizer.param_groups:
+        group["lr"] = lr
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+    n_global = max(1.0, worker.all_sum(float(sum(counts))))
+    loss_sum = 0.0
+    for a, batch in enumerate(micro):
+        last_micro = a == len(micro) - 1
+        sync = contextlib.nullcontext() if world == 1 or last_micro else worker.train_model.no_sync()
+        ids = batch["input_ids"].to(device)
+        with sync:
+            with torch.autocast(device_type=device.split(":")[0], dtype=worker.autocast_dtype,
+                                enabled=worker.autocast_dtype is not None):
+                logits = worker.train_model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:, 1:].to(device)
+            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                  ignore_index=-100, reduction="sum")
+            # DDP averages gradients over ranks, hence * world: the global token mean.
+            (nll * (world / n_global)).backward()
+        loss_sum += float(nll.detach())
+        if trace is not None:
+            trace.write(json.dumps({"step": step + 1, "micro": a, "batch": batch["index"],
+                                    "runs": _runs(batch["positions"])}) + "\n")
+    grad_clip = worker.plan.train.optimizer.grad_clip
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(worker.train_model.parameters(), grad_clip)
+    worker.optimizer.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+    tokens = int(worker.all_sum(float(sum(int(b["attention_mask"].sum()) for b in micro))))
+    return worker.all_sum(loss_sum) / n_global, tokens
+
+
+def log_metrics(worker: Worker, progress: Progress, lr: float, cursor: dict[str, int], evaluate_now: bool,
+                eval_data: dict[str, Any], metrics: Any, log: Log) -> None:
+    """Rank 0 writes one metrics line (train loss over the window, eval losses when due)."""
+    cfg = worker.plan.train
+    line = {"step": progress.step, "tokens": progress.tokens, "lr": lr,
+            "train_loss": progress.window[0] / progress.window[1], "epoch": cursor["epoch"], "position": cursor["row"]}
+    if evaluate_now:
+        losses = evaluate(worker.model, eval_data, cfg.eval.batch_size, worker.device, worker.autocast_dtype)
+        line.update({f"eval_{k}": v for k, v in losses.items()})
+    metrics.write(json.dumps(line) + "\n")
+    metrics.flush()
+    if progress.step % (cfg.log_every * 10) == 0 or evaluate_now or progress.step == worker.plan.total_steps:
+        log(f"[train] step {progress.step}/{worker.plan.total_steps} lr {lr:.3g} loss {line['train_loss']:.4f}"
+            + "".join(f" {k} {v:.4f}" for k, v in line.items() if k.startswith("eval_")))
+
+
+def checkpoint(worker: Worker, progress: Progress, cursor: dict[str, int], lr: float, schedule: Any) -> None:
+    """Every rank hands in its RNG state; rank 0 writes the checkpoint and prunes old ones."""
+    import torch
+
+    rank, world, cfg = worker.rank, worker.world, worker.plan.train
+    rng = {"cpu": torch.get_rng_state()}
+    if worker.device.startswith("cuda"):
+        rng["cuda"] = torch.cuda.get_rng_state()
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (rng, cursor))
+        cursors = {json.dumps(c, sort_keys=True) for _, c in gathered}
+        if len(cursors) != 1:
+            raise CurriculumError(f"ranks disagree on the loader position: {sorted(cursors)}")
+        all_rng = {f"rng.rank{r}.{k}": v for r, (g, _) in enumerate(gathered) for k, v in g.items()}
     else:
-        train_model = model
+        all_rng = {f"rng.rank0.{k}": v for k, v in rng.items()}
+    if rank == 0:
+        plan = worker.plan
+        state = {"step": progress.step, "tokens": progress.tokens, "loader": cursor, "window": progress.window,
+                 "schedule": schedule.describe(), "lr": lr, "world_size": world,
+                 "fingerprint": plan.fingerprint, "precision": plan.precision}
+        save_checkpoint(Path(plan.out_dir), progress.step, worker.model, worker.tokenizer, worker.optimizer, all_rng, state)
+        prune_checkpoints(Path(plan.out_dir), cfg.averaging.every, cfg.averaging.last_k)
+    if world > 1:
+        torch.distributed.barrier()
 
-    schedule = schedule_from_config(cfg.schedule, opt_cfg.lr, plan.total_steps)
-    eval_data = load_eval_sets(cfg.eval.sets, tokenizer, cfg.seq_len, cfg.eval.max_tokens) if rank == 0 else {}
+
+def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stderr) -> dict[str, Any]:
+    """The training loop of one worker (rank ``rank`` of ``world``). Returns throughput figures."""
+    cfg = plan.train
+    out_dir = Path(plan.out_dir)
+    worker, trainer_state = setup_worker(plan, rank, world)
+    progress, resumed_from = resume(worker, trainer_state, log)
+    schedule = schedule_from_config(cfg.schedule, cfg.optimizer.lr, plan.total_steps)
+    eval_data = load_eval_sets(cfg.eval.sets, worker.tokenizer, cfg.seq_len, cfg.eval.max_tokens) if rank == 0 else {}
     metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
     trace = open(out_dir / "trace" / f"rank-{rank}.jsonl", "a", encoding="utf-8") if cfg.trace else None
-
-    def all_sum(value: float, dtype: Any = torch.float64) -> float:
-        if not distributed:
-            return value
-        t = torch.tensor([value], dtype=dtype)
-        torch.distributed.all_reduce(t)
-        return t.item()
-
-    batches = iter(loader)
-    started, start_step, start_tokens = time.time(), step, tokens
-    accum = cfg.grad_accum
+    batches = iter(worker.loader)
+    started, start_step, start_tokens = time.time(), progress.step, progress.tokens
     try:
-        while step < plan.total_steps:
-            lr = schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [next(batches) for _ in range(accum)]
-            counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
-            n_global = max(1.0, all_sum(float(sum(counts))))
-            loss_sum = 0.0
-            for a, batch in enumerate(micro):
-                sync = contextlib.nullcontext() if not distributed or a == accum - 1 else train_model.no_sync()
-                ids = batch["input_ids"].to(device)
-                with sync:
-                    with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
-                                        enabled=autocast_dtype is not None):
-                        logits = train_model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-                    labels = batch["labels"][:, 1:].to(device)
-                    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                          ignore_index=-100, reduction="sum")
-                    # DDP averages gradients over ranks, hence * world: the global token mean.
-                    (nll * (world / n_global)).backward()
-                loss_sum += float(nll.detach())
-                if trace is not None:
-                    trace.write(json.dumps({"step": step + 1, "micro": a, "batch": batch["index"],
-                                            "runs": _runs(batch["positions"])}) + "\n")
-            if opt_cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(train_model.parameters(), opt_cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_loss = all_sum(loss_sum) / n_global
-            tokens += int(all_sum(float(sum(int(b["attention_mask"].sum()) for b in micro))))
-            window[0] += step_loss
-            window[1] += 1
+        while progress.step < plan.total_steps:
+            lr = schedule(progress.step)
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            loss, tokens = train_step(worker, micro, lr, trace, progress.step)
+            progress.step += 1
+            progress.tokens += tokens
+            progress.window[0] += loss
+            progress.window[1] += 1
             cursor = micro[-1]["state"]
-            last = step == plan.total_steps
-            do_eval = bool(eval_data) and (step % cfg.eval.every == 0 or last)
-            do_ckpt = step % cfg.averaging.every == 0 or last
-            if rank == 0 and (step % cfg.log_every == 0 or do_eval or last):
-                line = {"step": step, "tokens": tokens, "lr": lr, "train_loss": window[0] / window[1],
-                        "epoch": cursor["epoch"], "position": cursor["row"]}
-                if do_eval:
-                    losses = evaluate(model, eval_data, cfg.eval.batch_size, device, autocast_dtype)
-                    line.update({f"eval_{k}": v for k, v in losses.items()})
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-                window = [0.0, 0]
-                if step % (cfg.log_every * 10) == 0 or do_eval or last:
-                    log(f"[train] step {step}/{plan.total_steps} lr {lr:.3g} loss {line['train_loss']:.4f}"
-                        + "".join(f" {k} {v:.4f}" for k, v in line.items() if k.startswith("eval_")))
-            elif rank != 0 and (step % cfg.log_every == 0 or do_eval or last):
-                window = [0.0, 0]
+            last = progress.step == plan.total_steps
+            evaluate_now = bool(eval_data) and (progress.step % cfg.eval.every == 0 or last)
+            if progress.step % cfg.log_every == 0 or evaluate_now or last:
+                if rank == 0:
+                    log_metrics(worker, progress, lr, cursor, evaluate_now, eval_data, metrics, log)
+                progress.window = [0.0, 0]
             if trace is not None:
                 trace.flush()
-            if do_ckpt:
-                rng = {"cpu": torch.get_rng_state()}
-                if device.startswith("cuda"):
-                    rng["cuda"] = torch.cuda.get_rng_state()
-                if distributed:
-                    gathered: list[Any] = [None] * world
-                    torch.distributed.all_gather_object(gathered, (rng, cursor))
-                    cursors = {json.dumps(c, sort_keys=True) for _, c in gathered}
-                    if len(cursors) != 1:
-                        raise CurriculumError(f"ranks disagree on the loader position: {sorted(cursors)}")
-                    all_rng = {f"rng.rank{r}.{k}": v for r, (g, _) in enumerate(gathered) for k, v in g.items()}
-                else:
-                    all_rng = {f"rng.rank0.{k}": v for k, v in rng.items()}
-                if rank == 0:
-                    state = {"step": step, "tokens": tokens, "loader": cursor, "window": window,
-                             "schedule": schedule.describe(), "lr": lr, "world_size": world,
-                             "fingerprint": plan.fingerprint, "precision": plan.precision}
-                    save_checkpoint(out_dir, step, model, tokenizer, optimizer, all_rng, state)
-                    prune_checkpoints(out_dir, cfg.averaging.every, cfg.averaging.last_k)
-                if distributed:
-                    torch.distributed.barrier()
+            if progress.step % cfg.averaging.every == 0 or last:
+                checkpoint(worker, progress, cursor, lr, schedule)
     finally:
         if metrics is not None:
             metrics.close()
         if trace is not None:
             trace.close()
     seconds = time.time() - started
-    return {"seconds": round(seconds, 3), "tokens": tokens - start_tokens, "steps": step - start_step,
-            "tokens_per_second": round((tokens - start_tokens) / seconds, 1) if seconds > 0 else None,
-            "resumed_from": resumed_from, "device": device, "precision": plan.precision, "world_size": world}
+    done = progress.tokens - start_tokens
+    return {"seconds": round(seconds, 3), "tokens": done, "steps": progress.step - start_step,
+            "tokens_per_second": round(done / seconds, 1) if seconds > 0 else None,
+            "resumed_from": resumed_from, "device": worker.device, "precision": plan.precision, "world_size": world}
 
 
 def _quiet_transformers() -> None:
@@ -546,18 +483,17 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
         (Path(plan.out_dir) / ATTEMPT_FILE).write_text(json.dumps(stats) + "\n")
 
 
-def _train_with_ray(plan: TrainPlan, config: Config, address: str | None, log: Log) -> dict[str, Any]:
-    from ray.train import RunConfig, ScalingConfig
+def _train_with_ray(plan: TrainPlan, config: JobConfig, address: str | None, log: Log) -> dict[str, Any]:
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runner import connect_ray
-
-    connect_ray(config, address)
+    connect_ray(config.ray, address)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=plan.train.workers, use_gpu=plan.device == "cuda"),
-        run_config=RunConfig(name=f"train-{uuid.uuid4().hex[:8]}", storage_path=str(Path(plan.out_dir).resolve() / "ray")),
+        run_config=RayRunConfig(name=f"train-{uuid.uuid4().hex[:8]}", storage_path=str(Path(plan.out_dir).resolve() / "ray")),
     )
     (Path(plan.out_dir) / ATTEMPT_FILE).unlink(missing_ok=True)
     try:
@@ -586,7 +522,7 @@ def prepare_output(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
             raise ConfigError(f"{out_dir}: holds checkpoints of another training (model, data, tokenizer, batch, "
                               "schedule, optimizer, seed or workers differ); use a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_temporaries(out_dir)
+    clean_temporaries(out_dir)
     saved = out_dir / "tokenizer"
     tmp = out_dir / f".tokenizer.tmp-{uuid.uuid4().hex[:8]}"
     tokenizer.save_pretrained(tmp)
@@ -615,9 +551,6 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
     """Write OUT/final, OUT/averaged and OUT/summary.json from the checkpoints."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from pipeline.train.averaging import average_checkpoints
-    from pipeline.train.evaluation import evaluate, load_eval_sets
 
     cfg = plan.train
     out_dir = Path(plan.out_dir)
@@ -650,7 +583,8 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
             results[name] = {} if folder.is_dir() else None
             continue
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
-        results[name] = {f"eval_{k}": v for k, v in evaluate(model, eval_data, cfg.eval.batch_size, device, autocast_dtype).items()}
+        losses = evaluate(model, eval_data, cfg.eval.batch_size, device, autocast_dtype)
+        results[name] = {f"eval_{k}": v for k, v in losses.items()}
         del model
     metrics = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     summary = {
@@ -676,12 +610,10 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
 def _rows(plan: TrainPlan) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.train.loader import shard_files
-
     return max(1, sum(pq.read_metadata(f).num_rows for f in shard_files(plan.data_dir)))
 
 
-def run_training(config: Config, data: str | Path | None = None, out: str | Path | None = None,
+def run_training(config: JobConfig, data: str | Path | None = None, out: str | Path | None = None,
                  ray_address: str | None = None, log: Log = _stderr) -> dict[str, Any]:
     """Train (or resume) as the config's ``train:`` section says; return the summary."""
     plan = plan_training(config, data, out)

@@ -9,8 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.errors import CurriculumError
+from pipeline.core.errors import CurriculumError
+from pipeline.engine.config import Config
 
 _VERSIONED = ("ray", "torch", "transformers", "datasets", "polars", "pyarrow", "data-curriculum")
 
@@ -37,6 +37,7 @@ def build_manifest(
     stages = [
         {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds", "cached", "key")}
         | ({"dropped_by": r["dropped_by"]} if r.get("dropped_by") else {})
+        | ({"added_by": r["added_by"]} if r.get("added_by") else {})
         | ({"info": r["info"]} if r.get("info") else {})
         for r in stage_records
     ]
@@ -79,10 +80,3 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     tmp.rename(path)
     return path
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        raise CurriculumError(f"{run_dir}: no manifest.json; is this a run folder written by `curriculum run`?")
-    return json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """YAML config -> pydantic models -> one resolved config.
 
-The top-level shape is the contract in DESIGN.md: ``run``, ``ray``, ``input``, ``stages``,
+The top-level shape is the documented contract (docs/run-folder.md): ``run``, ``ray``, ``input``, ``stages``,
 ``output`` and ``train``. Every model forbids unknown keys, so a typo is an error, never
 ignored. Each stage entry is validated by that stage's own params model (see
 ``stages.registry``). ``load_config`` raises :class:`ConfigError` with one line per problem,
@@ -12,116 +12,24 @@ a shell command would see them.
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
-from pipeline.errors import ConfigError
-
-
-class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RunConfig(StrictModel):
-    name: str = Field("run", min_length=1, description="Names the default run folder runs/<name>.")
-    seed: int = Field(0, ge=0, description="Seeds every random choice in the run.")
-
-
-class RayConfig(StrictModel):
-    address: str | None = Field(None, description="Cluster address; null = RAY_ADDRESS or a local cluster.")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (ignored with an address).")
-    ship_code: bool = Field(
-        False,
-        description="Ship the pipeline/ and stages/ packages to the cluster's workers through "
-        "runtime_env py_modules (for clusters that do not have the project installed).",
-    )
-
-
-class HFInput(StrictModel):
-    name: str = Field(..., min_length=1, description="A datasets name on the hub, or a local folder.")
-    config: str | None = None
-    split: str = "train"
-    streaming: bool = True
-    data_files: str | list[str] | None = None
-    trust_remote_code: bool = False
-
-
-class SyntheticInput(StrictModel):
-    docs: int = Field(2000, ge=1)
-    kind: Literal["graded"] = "graded"
-    seed: int | None = Field(None, ge=0, description="Defaults to run.seed.")
-
-
-InputFormat = Literal["jsonl", "parquet", "text", "hf", "synthetic"]
-
-
-class InputConfig(StrictModel):
-    format: InputFormat = "synthetic"
-    path: str | None = Field(None, description="File, folder or glob for jsonl / parquet / text.")
-    text_field: str = "text"
-    id_field: str | None = Field(None, description="Without it, ids are content hashes of the text.")
-    keep_fields: list[str] | None = Field(
-        None, description="Extra input fields to keep as columns; null keeps all of them."
-    )
-    max_chars: int = Field(1_000_000, ge=1, description="Longer documents are quarantined.")
-    hf: HFInput | None = None
-    synthetic: SyntheticInput | None = None
-    lines_per_block: int = Field(
-        20_000, ge=100, description="Records per block in the readers; bounds a read task's memory."
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _path_exists(cls, path: str | None, info: Any) -> str | None:
-        fmt = info.data.get("format")
-        if fmt in ("jsonl", "parquet", "text"):
-            if not path:
-                raise ValueError(f"input.format {fmt!r} needs input.path (a file, folder or glob)")
-            if not expand_input_paths(path, fmt):
-                raise ValueError(f"no input file matches {path!r} (resolved from {Path.cwd()})")
-        return path
-
-    @model_validator(mode="after")
-    def _hf_needs_its_section(self) -> "InputConfig":
-        if self.format == "hf" and self.hf is None:
-            raise ValueError("input.format 'hf' needs input.hf: {name: ..., split: ...}")
-        return self
+from pipeline.core.errors import ConfigError
+from pipeline.core.hashing import sha256_json
+from pipeline.core.settings import RayConfig, RunConfig, StrictModel
+from pipeline.io.input_config import InputConfig
+from pipeline.train.config import TrainConfig
+from stages.registry import get_stage_class, stage_names
 
 
 class OutputConfig(StrictModel):
     rows_per_shard: int = Field(10_000, ge=1)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     keep_embeddings: bool = Field(False, description="Copy embedding columns into the shards.")
-
-
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
-
-
-def expand_input_paths(path: str, fmt: str) -> list[str]:
-    """The files a ``path`` names: a file, every matching file in a folder, or a glob. Sorted."""
-    suffixes = {
-        "jsonl": JSONL_SUFFIXES,
-        "parquet": (".parquet",),
-        "text": None,
-    }[fmt]
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    if p.is_dir():
-        candidates = [str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
-    else:
-        candidates = [f for f in glob.glob(path, recursive=True) if Path(f).is_file()]
-    if suffixes is not None and p.is_dir():
-        candidates = [f for f in candidates if f.endswith(suffixes)]
-    return sorted(candidates)
 
 
 class Config(StrictModel):
@@ -140,14 +48,6 @@ class Config(StrictModel):
 
     def config_hash(self) -> str:
         return sha256_json(self.resolved())
-
-
-def sha256_json(data: Any) -> str:
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
-
-
-def canonical_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 # --------------------------------------------------------------------------- loading
@@ -219,8 +119,6 @@ def _list_index(items: list[Any], key: str, where: str) -> int:
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw config mapping; every problem becomes one line of a ConfigError."""
-    from stages.registry import get_stage_class, stage_names
-
     problems: list[str] = []
     stage_entries = raw.get("stages") or []
     parsed_stages: list[Any] = []
@@ -252,8 +150,6 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
     except ValidationError as exc:
         problems.extend(format_validation_error(exc, "", Config))
     if config is not None and config.train is not None:
-        from pipeline.train.config import TrainConfig
-
         try:
             config.train = TrainConfig.model_validate(config.train).model_dump(mode="json")
         except ValidationError as exc:

@@ -1,6 +1,6 @@
 """The runner: read -> stages -> shards -> manifest, on a local Ray or a cluster.
 
-Each step's output is materialized into the stage cache (``pipeline.cache``) before the next
+Each step's output is materialized into the stage cache (``pipeline.engine.cache``) before the next
 one starts, so a rerun after a crash, or with a changed parameter, resumes at the first stage
 whose key is not complete. Only counts and small metadata ever come back to the driver.
 """
@@ -23,13 +23,17 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 
 import pipeline
-from pipeline.cache import StageCache, stage_key, stage_spec
-from pipeline.config import Config, expand_input_paths, sha256_json
-from pipeline.errors import CurriculumError, StageError
-from pipeline.ingest import ingest
-from pipeline.manifest import build_manifest, write_manifest
-from pipeline.readers import read_input
-from pipeline.writer import write_shards
+from pipeline.core.errors import CurriculumError, StageError
+from pipeline.core.hashing import sha256_json
+from pipeline.core.paths import expand_input_paths
+from pipeline.core.ray_session import connect_ray
+from pipeline.engine.cache import StageCache, stage_key, stage_spec
+from pipeline.engine.config import Config
+from pipeline.engine.manifest import build_manifest, write_manifest
+from pipeline.io.ingest import ingest
+from pipeline.io.readers import read_input
+from pipeline.io.writer import write_shards
+from pipeline.models.pool import cluster_size, place
 from stages.base import StageContext
 from stages.registry import build_stage
 
@@ -38,26 +42,6 @@ Log = Callable[[str], None]
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def connect_ray(config: Config, address: str | None = None) -> None:
-    """Join the cluster at ``address`` / ``ray.address`` / ``RAY_ADDRESS``, or start a local one."""
-    if ray.is_initialized():
-        return
-    address = address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env: dict[str, Any] = {}
-    if config.ray.ship_code:
-        import stages
-
-        runtime_env["py_modules"] = [pipeline, stages]
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if runtime_env:
-        kwargs["runtime_env"] = runtime_env
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = True
 
 
 @contextmanager
@@ -94,13 +78,30 @@ def _split_dropped(out: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Da
     return kept, dropped
 
 
+def _merge_counts(counts: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    merged = dict(counts)
+    for reason, rows in more.items():
+        if rows:
+            merged[reason] = merged.get(reason, 0) + int(rows)
+    return dict(sorted(merged.items()))
+
+
+def check_declared_counts(what: str, rows_in: int, rows_out: int, dropped_by: dict[str, int],
+                          added_by: dict[str, int]) -> None:
+    """Rows out must be rows in minus what the stage declared dropped plus what it declared added."""
+    expected = rows_in - sum(dropped_by.values()) + sum(added_by.values())
+    if rows_out != expected:
+        raise StageError(f"{what}: {rows_in} rows in and {rows_out} out, but it declared dropped {dropped_by or '{}'} "
+                         f"and added {added_by or '{}'} ({expected} expected): {rows_out - expected:+d} rows unaccounted for")
+
+
 def _count_by(ds: ray.data.Dataset, column: str) -> dict[str, int]:
     return {str(r[column]): int(r["count()"]) for r in ds.groupby(column).count().take_all()}
 
 
 def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log: Log = _stderr) -> dict[str, Any]:
     """Run every stage of ``config`` into ``out_dir`` and return the manifest."""
-    connect_ray(config, address)
+    connect_ray(config.ray, address)
     with pipeline_data_context():
         return _run(config, Path(out_dir), log)
 
@@ -160,7 +161,8 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
             t0 = time.time()
             upstream = cache.read(upstream_dir)
             ctx = StageContext(run_dir=out_dir, artifact_dir=cache.artifacts(folder), seed=seed,
-                               input_columns=list(upstream.schema().names))
+                               input_columns=list(upstream.schema().names),
+                               placement=place(stage.resources(), *cluster_size()))
             try:
                 out = stage.apply(upstream, ctx)
                 dropped_by: dict[str, int] = {}
@@ -173,12 +175,17 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
                 raise
             except Exception as exc:  # noqa: BLE001 - name the stage, keep the cause
                 raise StageError(f"stage {stage.name!r} (stages[{index - 1}]) failed: {type(exc).__name__}: {exc}") from exc
+            dropped_by = _merge_counts(dropped_by, ctx.dropped)
+            added_by = _merge_counts({}, ctx.added)
+            check_declared_counts(f"stage {stage.name!r} (stages[{index - 1}])", rows, rows_out, dropped_by, added_by)
             record = {"name": stage.name, "key": key, "rows_in": rows, "rows_out": rows_out,
-                      "dropped": max(0, rows - rows_out), "added": max(0, rows_out - rows),
+                      "dropped": sum(dropped_by.values()), "added": sum(added_by.values()),
                       "seconds": round(time.time() - t0, 3), "info": ctx.info, "order": ctx.order,
                       "artifacts": ctx.artifacts}
             if dropped_by:
                 record["dropped_by"] = dropped_by
+            if added_by:
+                record["added_by"] = added_by
             cache.complete(folder, record)
             log(f"{tag} {rows} -> {rows_out} rows (-{record['dropped']} +{record['added']}) in {record['seconds']:.1f}s")
         else:

@@ -6,7 +6,7 @@ or just the path), a ``datasets`` dataset (``{hf: {name, config, split, streamin
 documents of the synthetic graded corpus (``{synthetic: {docs, min_quality}}``). It is validated
 with the config: a path that matches nothing, or holds no record with a non-empty text field, is a
 config error naming the key and the file. ``texts()`` streams it, so a stage samples it with
-``pipeline.hashing.bottom_k`` in bounded memory; it is read leniently (bad lines are skipped: it
+``pipeline.core.hashing.bottom_k`` in bounded memory; it is read leniently (bad lines are skipped: it
 is trusted input, not the corpus, so it has no quarantine).
 """
 
@@ -21,7 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.config import JSONL_SUFFIXES, expand_input_paths
+from pipeline.core.paths import JSONL_SUFFIXES, expand_input_paths
+from pipeline.io.readers import load_hf_dataset
+from pipeline.io.synth import graded_document
 
 
 class _Strict(BaseModel):
@@ -162,7 +164,6 @@ def _plain_texts(path: str, field: str) -> Iterator[str]:
 
 
 def _hf_texts(spec: HFSource, field: str) -> Iterator[str]:
-    from pipeline.readers import load_hf_dataset
 
     for record in load_hf_dataset(spec.model_dump()):
         if _usable(record.get(field)):
@@ -170,7 +171,6 @@ def _hf_texts(spec: HFSource, field: str) -> Iterator[str]:
 
 
 def _synthetic_texts(spec: SyntheticSource) -> Iterator[str]:
-    from pipeline.synth import graded_document
 
     found, index = 0, spec.start
     while found < spec.docs:

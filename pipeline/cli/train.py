@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.cli.options import add_config_options
+from pipeline.core.errors import ConfigError
+from pipeline.engine.config import load_config
+from pipeline.models.lm import load_causal_lm, resolve_device
+from pipeline.train.averaging import WeightsFile, average_checkpoints, greedy_soup
+from pipeline.train.evaluation import evaluate, load_eval_sets
+from pipeline.train.trainer import default_paths, run_training
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from pipeline.cli import add_config_options  # pipeline.cli imports this module lazily: no cycle
 
     train = sub.add_parser("train", help="train a causal LM on a run folder's shards, in shard order")
     train.add_argument("config", help="YAML config (the same file as `curriculum run`; its train: section)")
@@ -32,12 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.train.trainer import run_training
 
     config = load_config(args.config, args.sets)
     summary = run_training(config, args.data, args.out, ray_address=args.ray_address)
-    from pipeline.train.trainer import default_paths
 
     _, out = default_paths(config, args.data, args.out)
     print(f"training folder: {out.resolve()}")
@@ -62,7 +64,6 @@ def _parse_eval(items: list[str]) -> dict[str, str]:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from pipeline.train.averaging import WeightsFile, average_checkpoints, greedy_soup
 
     for c in args.checkpoints:
         if not Path(c).exists():
@@ -95,8 +96,6 @@ def _soup_evaluator(folder: Path, sets: dict[str, str], seq_len: int, max_tokens
     """state_dict -> mean eval loss over the sets, with the architecture and tokenizer of ``folder``."""
     import torch
 
-    from pipeline.lm import load_causal_lm, resolve_device
-    from pipeline.train.evaluation import evaluate, load_eval_sets
 
     model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
     device = resolve_device("auto")

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from pipeline.hashing import uniform
+from pipeline.core.hashing import uniform
 
 RowFilter = Callable[[pa.Table], np.ndarray]
 

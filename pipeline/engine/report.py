@@ -5,7 +5,7 @@ systematic sample of at most ``MAX_POINTS`` rows (every k-th position), so it st
 corpus of any size. Plots: a histogram per numeric column, rows per stage, the curriculum curve
 (the order key's percentile against position), the composition over position when the order
 names a group column (domain or cluster), and the rank correlations between score signals,
-with a warning when the classifier score disagrees with the other signals (METHODS.md §1b).
+with a warning when the classifier score disagrees with the other signals (docs/methods.md §4).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.manifest import read_manifest
+from pipeline.io.runfolder import read_manifest
 from stages.combine import RECIPE
 
 MAX_POINTS = 200_000
@@ -73,7 +73,7 @@ def rank_correlations(df: pl.DataFrame) -> tuple[list[str], np.ndarray, list[str
             warnings.append(
                 f"quality_clf correlates negatively with the other signals (mean Spearman {np.mean(others):+.2f}): "
                 "the classifier may have learned the positives' domain rather than quality. Take positives "
-                "from the good part of this corpus's own domain (METHODS.md §1b)."
+                "from the good part of this corpus's own domain (docs/methods.md §4)."
             )
     return columns, matrix, warnings
 
@@ -117,7 +117,8 @@ def text_summary(manifest: dict[str, Any], stats: list[tuple[str, dict[str, floa
     return "\n".join(lines)
 
 
-def _plots(run_dir: Path, manifest: dict[str, Any], df: pl.DataFrame, corr: tuple[list[str], np.ndarray]) -> list[tuple[str, str]]:
+def _plots(run_dir: Path, manifest: dict[str, Any], df: pl.DataFrame,
+           corr: tuple[list[str], np.ndarray]) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +217,8 @@ def inspect_run(run_dir: Path) -> tuple[str, Path]:
     body = [f"<h1>Run {html.escape(manifest['run_id'])}</h1>", f"<pre>{html.escape(summary)}</pre>"]
     body += [f"<p style='color:#b00'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings]
     for name, title in plots:
-        body.append(f"<figure><img src='{name}' alt='{html.escape(title)}'><figcaption>{html.escape(title)}</figcaption></figure>")
+        caption = html.escape(title)
+        body.append(f"<figure><img src='{name}' alt='{caption}'><figcaption>{caption}</figcaption></figure>")
     page = "<!doctype html><html><head><meta charset='utf-8'><title>curriculum report</title></head><body>"
     page += "\n".join(body) + "</body></html>"
     index = run_dir / "report" / "index.html"

@@ -1,24 +1,11 @@
 """Power-law replay over curriculum phases (the order stage's ``replay``).
 
-After "Catastrophic Interference is Mitigated in Naturalistic Power-Law Learning
-Environments" (2024), where the chance of revisiting material decays as a power law of the time
-since it was seen (METHODS.md §5). The paper publishes no formula for a training sequence, so
-this is the one implemented:
-
-- **Phases.** The curriculum order (key, ``higher_is_better``, ``quality_order``) is cut into
-  P phases of equal size by exact rank: phase i holds ranks ⌊iN/P⌋ … ⌊(i+1)N/P⌋ − 1.
-- **Replay volume.** Phase j ≥ 1 holds its own n_j rows once (their first appearance) plus
-  R_j = n_j · ρ / (1 − ρ) replayed rows, so a share ρ (``replay_fraction``) of it is replay.
-- **Power law.** Of those, the share from earlier phase i < j is
-  w(j − i) / Σ_{i' < j} w(j − i') with w(a) = (a + 1)^(−d) (``replay_exponent`` d; d = 0 is
-  uniform over the past), i.e. R_{j,i} = R_j · w(j − i) / Σ w: data introduced longer ago
-  returns less often. The time is counted from the phase a row was introduced in.
-- **Realisation.** Each row of phase i is replayed in phase j with expected multiplicity
-  m = R_{j,i} / n_i: ⌊m⌋ copies, plus one with probability m − ⌊m⌋, decided by a seeded hash
-  of (seed, id, j). Counts are thus exact in expectation and binomial around it; the manifest
-  gives the expected and the realised matrix. No row is ever replayed in its own phase.
-- **Order in a phase.** Own rows keep their curriculum order; each replayed copy takes a
-  uniform random place among them (a seeded hash of (seed, id, j, copy)).
+After "Catastrophic Interference is Mitigated in Naturalistic Power-Law Learning Environments"
+(2024): the curriculum is cut into phases of equal size; each later phase holds its own rows
+plus a share ``replay_fraction`` of replayed rows from earlier phases, phase i contributing in
+proportion to (j − i + 1)^(−d). Each row's replay count is ⌊m⌋ or ⌊m⌋+1 by a seeded hash, so
+counts are exact in expectation; each copy takes a seeded random place in its phase. The
+formula and the manifest's expected and realised matrices: docs/methods.md §6.
 """
 
 from __future__ import annotations
@@ -28,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.hashing import hash64
-from stages.repeats import expand
+from pipeline.core.hashing import hash64
+from stages.order.repeats import expand
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

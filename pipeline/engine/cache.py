@@ -27,7 +27,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray.data
 
-from pipeline.config import sha256_json
+import pipeline
+from pipeline.core.hashing import sha256_json
 
 SUCCESS = "_SUCCESS.json"
 
@@ -35,8 +36,6 @@ SUCCESS = "_SUCCESS.json"
 def stage_spec(stage: Any, seed: int) -> dict[str, Any]:
     """What a stage's output depends on besides its input rows: its params, the seed, the code
     versions and ``stage.cache_inputs()`` (e.g. the files its params name)."""
-    import pipeline
-
     return {"stage": stage.name, "params": stage.params.model_dump(mode="json"), "seed": seed,
             "stage_version": stage.version, "inputs": stage.cache_inputs(), "version": pipeline.__version__}
 

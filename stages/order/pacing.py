@@ -1,31 +1,11 @@
 """Difficulty pacing, materialized as an explicit training sequence (the order stage's ``pacing``).
 
-Schedules (METHODS.md §5): DeepSpeed Data Efficiency's ``fixed_linear``, ``fixed_root`` and
-``fixed_discrete``, and the competence functions ``sqrt`` and ``p`` of Platanios et al. (NAACL
-2019). The difficulty of a row is its percentile along the curriculum order,
-``(rank + 1) / N`` for rank 0 … N−1, so ``d(s)`` is a fraction in (0, 1] (DeepSpeed's
-percentile configs count 1 … 100: divide them by 100).
-
-With ``s`` counted from 0 and ``T = total_curriculum_step`` (default: the last step, so the
-final step sees the whole pool):
-
-- ``fixed_root``:  d(s) = min + (max − min) · min(1, s/T)^(1/root_degree), rounded down to a
-  multiple of ``difficulty_step`` when one is set (but never below min); ``fixed_linear`` is
-  root_degree 1.
-- ``fixed_discrete``: d(s) = difficulty[i] for the first i with s ≤ max_step[i], else the last.
-- ``sqrt``: c(s) = min(1, sqrt(s·(1 − c0²)/T + c0²)); ``p``: c(s) = min(1, (s·(1 − c0^p)/T + c0^p)^(1/p)).
-
-The pool at step s is the K(s) rows with percentile ≤ d(s), i.e. ranks 0 … K(s)−1. The batch
-of step s (``batch_size`` rows; the last one may be short so the sequence has exactly
-``total_samples`` rows) is drawn uniformly *without replacement within the batch* from that
-pool, independently of other steps, so a row can recur across steps. Only when the pool is
-smaller than a batch does a batch repeat rows: it then holds every pool row ⌊B/K⌋ times plus a
-uniform draw of the remainder.
-
-The draws are a pure function of (N, schedule, batch_size, total_samples, seed): steps are
-generated in fixed windows of ``window_steps(batch_size)`` steps, each from its own seeded
-numpy generator, so any worker can regenerate the draws that land on the ranks it holds and
-the result does not depend on Ray's block layout.
+DeepSpeed Data Efficiency's ``fixed_linear``, ``fixed_root`` and ``fixed_discrete`` and the
+competence functions ``sqrt`` and ``p`` of Platanios et al. (NAACL 2019). A row's difficulty is
+its percentile along the curriculum order; the batch of step s is drawn uniformly, without
+replacement within the batch, from the rows with percentile ≤ d(s). Draws are generated in
+fixed windows of steps from seeded generators, so any worker can regenerate the draws that land
+on its ranks. Formulas and conventions: docs/methods.md §6.
 """
 
 from __future__ import annotations
@@ -39,7 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stages.base import variant_params
-from stages.repeats import expand
+from stages.order.repeats import expand
 
 FUNCTIONS = ("fixed_linear", "fixed_root", "fixed_discrete", "sqrt", "p")
 _FUNCTION_KEYS: dict[str, tuple[str, ...]] = {

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import ray.data
 from ray.data.aggregate import Count, Min
 
-from pipeline.readers import RESERVED_COLUMNS
+from pipeline.io.readers import RESERVED_COLUMNS
 
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("raw", pa.string()), ("reason", pa.string())])
 _MERGED_TYPES: dict[frozenset[str], pa.DataType] = {

@@ -1,38 +1,12 @@
 """Order the corpus into the training order and write it as ``position`` (0 … N−1).
 
-Every strategy materializes the curriculum into ``position``, so any trainer that reads the
-shards in order gets it. The manifest's ``order`` section describes the strategy fully
-(``method``, ``key``, ``direction`` of the key's values along the order, ``higher_is_better``,
-``quality_order``, ``seed``, the strategy's parameters and what it produced).
-
-- ``random``: a seeded uniform shuffle (sort by a seeded hash of the id), the baseline.
-- ``sort``: by a column's values, ``direction`` ascending or descending (Luo et al., ICLR 2026).
-- ``quality_ascending`` / ``quality_descending``: by a quality ``key`` read with
-  ``higher_is_better``, so "worst first" is never ambiguous (ascending = worst first, best last).
-- ``buckets``: n quantile buckets in quality order, shuffled inside each bucket by a seeded id
-  hash; adds ``bucket``. Boundaries come from a bounded hashed sample of ``sample_size`` rows;
-  ties at a boundary are split by a seeded hash, so buckets stay balanced on tied keys.
-- ``folded``: Luo et al.'s data folding: k stages, each a stratified sample of the whole
-  quality range (one row of every k consecutive ranks, by a seeded rotation), each sorted in
-  quality order; adds ``phase``.
-- ``domain_interleave``: sort inside each value of ``group`` (e.g. ``source``), then interleave
-  the domains by normalised rank (r + 0.5) / n_domain, so every stretch keeps the domain mix
-  (Luo et al.'s multi-domain recipe).
-- ``cluster_interleave``: round-robin over the values of ``group`` (default ``cluster``), in
-  quality order inside each cluster: round t holds the t-th row of every cluster that has one.
-- ``pacing`` and ``replay``: sequences with repeated rows; see ``stages.pacing`` and
-  ``stages.replay`` for the formulas and ``stages.repeats`` for the ids of repeats.
-
-Quality order ("ascending" by default = worst first, best last, as Luo et al. recommend) is the
-key's order after ``higher_is_better``. Rows with a null or NaN key come after every row with a
-value, in every strategy (in ``buckets`` they form an extra last bucket). Ties are broken by
-``id``, so every order is total.
-
-Scale and determinism: only Ray's distributed sort, per-block map tasks and per-block
-aggregates, and a bounded hashed sample (``buckets``) touch the data; the driver sees counts,
-quantile boundaries and per-group offsets, never rows. Everything random is a function of (seed, id) or of
-(seed, a fixed window index), so the same rows and params give the same positions whatever
-the block layout.
+Ten strategies: ``random`` (the seeded baseline), ``sort``, ``quality_ascending`` /
+``quality_descending`` (Luo et al., ICLR 2026), ``buckets``, ``folded`` (Luo et al.'s data
+folding), ``domain_interleave``, ``cluster_interleave``, ``pacing`` (DeepSpeed difficulty pacing,
+Platanios et al.'s competence curricula) and ``replay`` (power-law replay). Every one is total
+(ties broken by id) and a function of (seed, id), so positions never depend on Ray's block
+layout; only Ray's distributed sort, per-block tasks and a bounded hashed sample touch the data.
+The manifest's ``order`` section describes what was done; docs/methods.md §6 gives each strategy.
 """
 
 from __future__ import annotations
@@ -47,14 +21,14 @@ import ray.data
 from pydantic import Field, model_validator
 from ray.data.context import DataContext, ShuffleStrategy
 
-from pipeline.errors import StageError
-from pipeline.hashing import hash64
-from pipeline.positions import assign_positions
-from stages import pacing as pacing_lib
-from stages import replay as replay_lib
+from pipeline.core.errors import StageError
+from pipeline.core.hashing import hash64
+from pipeline.core.positions import assign_positions
 from stages.base import Stage, StageContext, StageParams, variant_params
-from stages.pacing import PacingSchedule
-from stages.repeats import TIMES
+from stages.order import pacing as pacing_lib
+from stages.order import replay as replay_lib
+from stages.order.pacing import PacingSchedule
+from stages.order.repeats import TIMES
 
 _SORT_KEY, _NULL_FLAG = "_order_key", "_order_null"
 _RANK, _GROUP, _GROUP_NULL = "_rank", "_group", "_group_null"
@@ -202,7 +176,7 @@ def _derived(table: pa.Table, seed: int, salt: str, streams: int) -> list[np.nda
 
 def distributed_sort(ds: ray.data.Dataset, keys: list[str], descending: bool | list[bool] = False) -> ray.data.Dataset:
     """Ray's distributed sort with the pull-based sort shuffle (see
-    ``pipeline.runner.pipeline_data_context``; set here too, on this dataset's own context, so
+    ``pipeline.engine.runner.pipeline_data_context``; set here too, on this dataset's own context, so
     the stage is as fast when a notebook calls it outside a run)."""
     if ds.context is not DataContext.get_current():
         ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
@@ -391,6 +365,10 @@ class OrderStage(Stage):
         strategy = getattr(self, f"_{p.method}")
         out = strategy(keyed, n_rows, seed, info)
         ctx.order = info
+        if "distinct_rows" in info:  # pacing and replay: a sequence with repeats, not a permutation
+            out = out.materialize()
+            ctx.added["order.repeat"] = out.count() - info["distinct_rows"]
+            ctx.dropped["order.never_shown"] = info["never_shown"]
         return out
 
     # ------------------------------------------------------------------ strategies

@@ -9,14 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import ConfigError, CurriculumError
-
-
-def add_config_options(parser: argparse.ArgumentParser, set_example: str, ray_help: str) -> None:
-    """The options every command that reads a config takes: ``--set`` overrides and the Ray address."""
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one config value, e.g. {set_example}")
-    parser.add_argument("--ray-address", help=f"{ray_help} (default: ray.address, RAY_ADDRESS, or local)")
+from pipeline.cli.options import add_config_options
+from pipeline.cli.train import add_parsers as add_train_parsers
+from pipeline.cli.train import cmd_average, cmd_train
+from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.engine.config import load_config
+from pipeline.engine.report import inspect_run
+from pipeline.engine.runner import run_pipeline
+from pipeline.io.synth import write_synthetic
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,19 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
     inspect.add_argument("run_dir")
 
-    from pipeline.train.cli import add_parsers as add_train_parsers
-
     add_train_parsers(sub)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-
     config = load_config(args.config, args.sets)
     out = Path(args.out) if args.out else Path("runs") / config.run.name
-    from pipeline.runner import run_pipeline
-
     manifest = run_pipeline(config, out, address=args.ray_address)
     counts = manifest["counts"]
     print(f"run folder: {out.resolve()}")
@@ -59,8 +53,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.synth import write_synthetic
-
     if args.docs < 1:
         raise ConfigError("--docs must be at least 1")
     n = write_synthetic(Path(args.out), args.docs, seed=args.seed, kind=args.kind)
@@ -69,8 +61,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.report import inspect_run
-
     run_dir = Path(args.run_dir)
     if not (run_dir / "manifest.json").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no manifest.json)")
@@ -80,19 +70,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train.cli import cmd_train
-
-    return cmd_train(args)
-
-
-def _cmd_average(args: argparse.Namespace) -> int:
-    from pipeline.train.cli import cmd_average
-
-    return cmd_average(args)
-
-
-COMMANDS = {"run": _cmd_run, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": _cmd_train, "average": _cmd_average}
+COMMANDS = {"run": _cmd_run, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train, "average": cmd_average}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -69,3 +71,11 @@ def bottom_k(texts: Iterable[str], k: int, seed: int, salt: str, max_chars: int)
             chunk = []
     push(chunk)
     return [(doc_id, text) for _, doc_id, text in sorted(heap, reverse=True)], read
+
+
+def sha256_json(data: Any) -> str:
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

@@ -3,7 +3,7 @@
 Each format is a Ray ``Datasource`` whose read tasks open their own files (or dataset shard, or
 synthetic index range) on a worker and yield blocks of at most ``input.lines_per_block``
 records, so the corpus never passes through the driver. A read task checks every record and
-emits the *parsed* schema below; ``pipeline.ingest`` then splits it into good rows and
+emits the *parsed* schema below; ``pipeline.io.ingest`` then splits it into good rows and
 quarantine.
 
 Parsed schema (internal; the ``_`` columns never reach the shards):
@@ -33,9 +33,11 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.config import InputConfig, SyntheticInput, expand_input_paths
-from pipeline.errors import ConfigError, CurriculumError
-from pipeline.hashing import content_id
+from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.core.hashing import content_id
+from pipeline.core.paths import expand_input_paths
+from pipeline.io.input_config import InputConfig, SyntheticInput
+from pipeline.io.synth import graded_document
 
 PARSED_SCHEMA = pa.schema(
     [
@@ -265,8 +267,6 @@ class SyntheticDatasource(_ChunkedDatasource):
         self.seed = seed
 
     def read_unit(self, unit: tuple[int, int]) -> Iterator[dict[str, Any]]:
-        from pipeline.synth import graded_document
-
         for index in range(*unit):
             yield self.checker.check(graded_document(index, self.seed), f"synthetic:{index}", _seq(0, index), "")
 

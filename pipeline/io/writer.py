@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from pipeline.errors import CurriculumError
+from pipeline.core.errors import CurriculumError
 
 CONTRACT_COLUMNS = ("id", "text", "position")
 

@@ -1,24 +1,12 @@
 """The reference LM: a BPE tokenizer and a small causal LM trained on a bounded reference sample.
 
-Perplexity under a small reference model trained on (part of) the corpus is the scoring model of
-Ankner et al. (ICLR 2025, "Perplexed by Perplexity"); CCNet instead trains on a trusted set
-(Wikipedia). Both are supported by the perplexity stage, which draws the sample; this module
-only trains and saves.
-
-Choices (METHODS.md §1 leaves them open):
-
-- The sample is bounded (``max_docs`` documents, each cut to ``max_chars``) and is given here
-  already sorted by id hash, so the result does not depend on Ray's block layout.
-- The LM is a GPT-2 style config of ~1-2 M parameters (CPU-friendly: about a minute on two
-  cores). Documents are joined with EOS and packed into ``seq_len`` chunks; training runs a
-  fixed number of ``steps`` (never a time limit, which would not be reproducible) with AdamW and
-  a warmup + cosine schedule.
-- Training is deterministic: seeded, on CPU, ``torch.use_deterministic_algorithms``, and a fixed
-  number of torch threads (``threads``), because a different thread count may split float
-  reductions differently.
-- Tokenizer and model are saved in Hugging Face layout (safetensors) with a ``reference.json``
-  that records the spec, the sample and the training curve; it is written last, so its
-  presence marks a complete artifact that a rerun with the same spec reuses.
+Perplexity under a small model trained on (part of) the corpus is Ankner et al.'s scoring
+model (ICLR 2025); CCNet trains on a trusted set instead. The perplexity stage picks the sample
+(``sample_input``, ``sample_reference_data``); this module trains and saves. Training is
+deterministic: a fixed number of steps, seeded, on CPU, deterministic algorithms and a fixed
+thread count. Tokenizer and model are saved in Hugging Face layout (safetensors) with a
+``reference.json`` (spec, sample, loss curve) written last, which marks a complete artifact that
+a rerun with the same spec reuses. The choices are in docs/methods.md §1.
 """
 
 from __future__ import annotations
@@ -32,8 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.config import sha256_json
-from pipeline.lm import build_causal_lm, train_bpe_tokenizer
+from pipeline.core.hashing import bottom_k, sha256_json, uniform
+from pipeline.core.sampling import hashed_sample
+from pipeline.models.lm import build_causal_lm, check_model_config, train_bpe_tokenizer
 
 DONE = "reference.json"
 
@@ -62,8 +51,6 @@ class ReferenceLMSpec(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_config_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.lm import check_model_config
-
         return check_model_config(value)
 
 
@@ -203,11 +190,9 @@ _SAMPLE_SALT = "perplexity.reference_sample"
 
 def sample_input(ds, k: int, seed: int, max_chars: int, half: bool = False) -> list[tuple[str, str]]:
     """At most ``k`` (id, text) rows of ``ds`` with the smallest seeded id hash, texts cut to
-    ``max_chars``, sorted by id (``pipeline.sampling.hashed_sample``: the driver holds about
+    ``max_chars``, sorted by id (``pipeline.core.sampling.hashed_sample``: the driver holds about
     1.2 k rows, never the corpus). ``half`` restricts the draw to the training half of the
     held_out split."""
-    from pipeline.sampling import hashed_sample
-
     eligible = (lambda table: in_training_half(table["id"].to_pylist(), seed)) if half else None
     sample = hashed_sample(ds, k, seed, _SAMPLE_SALT, ["text"], eligible=eligible, eligible_share=0.5 if half else 1.0)
     rows = zip(sample["id"].to_pylist(), sample["text"].to_pylist())
@@ -216,17 +201,13 @@ def sample_input(ds, k: int, seed: int, max_chars: int, half: bool = False) -> l
 
 def in_training_half(ids: list[str], seed: int):
     """The rows the reference LM trains on under ``split: held_out`` (the others are scored)."""
-    from pipeline.hashing import uniform
-
     return uniform(ids, seed, HALF_SALT) < 0.5
 
 
 def sample_reference_data(trusted, k: int, seed: int, max_chars: int) -> tuple[list[tuple[str, str]], int]:
-    """A bounded sample of trusted text (a ``pipeline.trusted.TrustedText``): the ``k`` documents with
+    """A bounded sample of trusted text (a ``pipeline.io.trusted.TrustedText``): the ``k`` documents with
     the smallest seeded content hash (streaming, independent of file order), as (id, text) sorted
     by id, and how many were read."""
-    from pipeline.hashing import bottom_k
-
     sample, read = bottom_k(trusted.texts(), k, seed, _SAMPLE_SALT, max_chars)
     return sorted(sample), read
 

@@ -1,0 +1,26 @@
+"""The config models every layer shares: the strict base model and the ``run`` and ``ray`` sections."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(StrictModel):
+    name: str = Field("run", min_length=1, description="Names the default run folder runs/<name>.")
+    seed: int = Field(0, ge=0, description="Seeds every random choice in the run.")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="Cluster address; null = RAY_ADDRESS or a local cluster.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (ignored with an address).")
+    ship_code: bool = Field(
+        False,
+        description="Ship the pipeline/ and stages/ packages to the cluster's workers through "
+        "runtime_env py_modules (for clusters that do not have the project installed).",
+    )
