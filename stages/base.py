@@ -69,6 +69,9 @@ class Stage:
     name: ClassVar[str]
     Params: ClassVar[type[StageParams]]
     columns: ClassVar[tuple[str, ...]] = ()
+    # Columns kept in the stage cache but left out of the shards unless ``output.keep_embeddings``
+    # (embedding vectors: large, and only needed by later stages such as clustering).
+    cache_only_columns: ClassVar[tuple[str, ...]] = ()
     version: ClassVar[int] = 1  # bump when the stage's output changes for the same params
 
     def __init__(self, params: StageParams) -> None:

@@ -86,6 +86,7 @@ class PerplexityStage(Stage):
     name: ClassVar[str] = "perplexity"
     Params = PerplexityParams
     columns: ClassVar[tuple[str, ...]] = SCORE_COLUMNS
+    version: ClassVar[int] = 2  # 2: the reference LM's context is its training length
 
     def cache_inputs(self) -> object:
         """The trusted files' (path, size, mtime): editing reference_data retrains and rescores."""
@@ -120,6 +121,10 @@ class PerplexityStage(Stage):
             info["reference_lm"] = {k: record[k] for k in ("parameters", "sample", "seconds", "reused")
                                     if k in record}
             info["reference_lm"]["train_loss_last"] = record["train"]["loss_last"]
+            # The reference LM scores windows no longer than it trained on (its context).
+            max_length = min(max_length, record["spec"]["seq_len"])
+            stride = min(p.stride, max_length - 1) if p.stride else max_length - 1
+            info.update(max_length=max_length, stride=stride)
         else:
             model = p.model
         placement = ctx.placement

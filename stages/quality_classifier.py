@@ -12,7 +12,6 @@ quality, is described in docs/methods.md; ``curriculum inspect`` warns when it s
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +22,7 @@ import ray.data
 from pydantic import Field, model_validator
 
 from pipeline.core.errors import StageError
+from pipeline.core.files import read_json_or_none, write_json_atomic
 from pipeline.core.hashing import bottom_k
 from pipeline.io.trusted import TrustedText
 from pipeline.models.lm import load_lm_config
@@ -111,8 +111,9 @@ class QualityClassifierStage(Stage):
         meta_path, model_path = ctx.artifact_dir / _META_FILE, ctx.artifact_dir / _MODEL_FILE
         identity = {"params": p.model_dump(mode="json"), "seed": seed, "positives": p.positives.fingerprint(),
                     "method": "cross-fit-2"}
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() and model_path.is_file() else None
-        if meta is not None and meta.get("identity") == identity:
+        # A meta file cut by a crash reads as None: the model is then retrained, never half-trusted.
+        meta = read_json_or_none(meta_path) if model_path.is_file() else None
+        if isinstance(meta, dict) and meta.get("identity") == identity:
             with np.load(model_path, allow_pickle=False) as saved:
                 coef, intercept = saved["coef"], saved["intercept"]
             reused = True
@@ -133,7 +134,7 @@ class QualityClassifierStage(Stage):
             tmp = ctx.artifact_dir / f".{_MODEL_FILE}.tmp.npz"
             np.savez_compressed(tmp, coef=coef, intercept=intercept)
             tmp.replace(model_path)
-            meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+            write_json_atomic(meta_path, meta, indent=2, sort_keys=True)
             reused = False
         ctx.info.update({k: meta[k] for k in ("n_positives", "n_negatives", "positives_read", "n_fit", "n_holdout",
                                               "holdout_auc", "holdout_auc_by_fold")},

@@ -61,6 +61,32 @@ def test_runtime_failure_exits_1_with_the_stage_named(cli, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["truncated gzip", "broken parquet footer"])
+def test_an_unreadable_input_file_exits_1_naming_the_file(cli, tmp_path, kind):
+    import gzip
+
+    import pyarrow as pa
+
+    if kind == "truncated gzip":
+        data = gzip.compress("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(300)).encode())
+        bad = tmp_path / "part.jsonl.gz"
+        bad.write_bytes(data[: len(data) // 2])
+        fmt = "jsonl"
+    else:
+        good = tmp_path / "good.parquet"
+        pq.write_table(pa.table({"text": ["some words here"] * 50}), good)
+        bad = tmp_path / "part.parquet"
+        bad.write_bytes(good.read_bytes()[:-20])
+        good.unlink()
+        fmt = "parquet"
+    config = write_config(tmp_path, input={"format": fmt, "path": str(bad)})
+    result = cli("run", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("curriculum: error: cannot read input file ") and str(bad) in last, last
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_same_shards_with_one_or_two_cpus(cli, tmp_path):
     """Each run starts its own local Ray with a different CPU count; the bytes must not change."""
     config = write_config(tmp_path, docs=600)

@@ -296,3 +296,41 @@ def test_random_order_is_seeded_and_a_permutation(ray_address, tmp_path):
     a, b, c = ids(1, "a"), ids(1, "b"), ids(2, "c")
     assert a == b and a != c
     assert sorted(a) == sorted(c) == [f"syn-{i:07d}" for i in range(150)]
+
+
+# ----------------------------------------------------------------------------- fidelity fixes
+
+
+def test_input_fields_named_like_embeddings_reach_the_shards(ray_address, tmp_path):
+    """Only columns a stage declares cache-only are kept out of the shards; a user's field is data."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"{PROSE} {i}", "embedding_model": "mine",
+                                        "embeddings_note": i}) + "\n" for i in range(20)))
+    config = {"input": {"format": "jsonl", "path": str(path)}, "stages": [{"name": "order", "method": "random"}]}
+    assert not validate_config(config).output.keep_embeddings
+    _, out = run(tmp_path, config)
+    df = shard_frame(out)
+    assert df["embedding_model"].to_list() == ["mine"] * 20
+    assert sorted(df["embeddings_note"].to_list()) == list(range(20))
+
+
+def test_hf_trust_remote_code_is_rejected_with_the_reason(tmp_path):
+    """datasets 5 ignores trust_remote_code (no dataset scripts run): accepting it would mislead."""
+    raw = {"input": {"format": "hf", "hf": {"name": "some/dataset", "trust_remote_code": True}}}
+    with pytest.raises(ConfigError, match=r"input\.hf.*trust_remote_code: datasets 5 no longer runs"):
+        validate_config(raw)
+    trusted = {"stages": [{"name": "quality_classifier", "positives": {"hf": {"name": "x/y", "trust_remote_code": False}}}]}
+    with pytest.raises(ConfigError, match="trust_remote_code: datasets 5 no longer runs"):
+        validate_config(trusted)
+
+
+def test_a_stage_marker_cut_by_a_crash_is_recomputed_not_read(ray_address, tmp_path):
+    config = {"input": {"format": "synthetic", "synthetic": {"docs": 60}},
+              "stages": [{"name": "quality"}, {"name": "order", "method": "sort", "key": "n_chars"}]}
+    first, out = run(tmp_path, config)
+    marker = next((out / "stages").glob("01-quality-*")) / "_SUCCESS.json"
+    marker.write_text(marker.read_text()[:40])  # what a kill in the middle of a plain write leaves
+    again, _ = run(tmp_path, config)
+    assert [s["cached"] for s in again["stages"]] == [False, True]
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
+    assert json.loads(marker.read_text())["rows_out"] == 60

@@ -4,7 +4,9 @@ strategy end to end on Ray on a few generated tables laid out in different block
 Properties: every strategy is a deterministic function of (data, params, seed) whatever the
 block layout; strategies without repetition are permutations of the input ids; pacing never
 draws a row above d(s) at any step; folded stages each span the full range; cluster_interleave
-windows contain every cluster while every cluster still has rows.
+windows contain every cluster while every cluster still has rows; in every strategy a null key
+is the worst value (``nulls: worst``), a tail after every valued row (``last``) or a dropped row
+(``drop``); replay's clock counts from a row's last showing.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def test_repeats_are_numbered_in_training_order_with_unique_ids(sources, seed):
 @given(n=st.integers(0, 500), phases=st.integers(1, 6), fraction=st.one_of(st.just(0.0), st.floats(0.01, 0.9)),
        exponent=st.floats(0, 3))
 def test_replay_shares_follow_the_power_law(n, phases, fraction, exponent):
-    plan = replay_lib.ReplayPlan(n=n, phases=phases, fraction=fraction, exponent=exponent, seed=0)
+    plan = replay_lib.ReplayPlan(n=n, phases=phases, fraction=fraction, exponent=exponent, seed=0, clock="introduced")
     r = plan.expected()
     sizes = plan.sizes()
     assert sizes.sum() == n and sizes.max() - sizes.min() <= 1
@@ -150,10 +152,59 @@ def test_replay_shares_follow_the_power_law(n, phases, fraction, exponent):
 
 
 @FAST
+@given(n=st.integers(0, 500), phases=st.integers(1, 6), fraction=st.one_of(st.just(0.0), st.floats(0.01, 0.9)),
+       exponent=st.floats(0, 3))
+def test_replay_last_seen_keeps_each_phase_budget(n, phases, fraction, exponent):
+    plan = replay_lib.ReplayPlan(n=n, phases=phases, fraction=fraction, exponent=exponent, seed=0)
+    r, m, sizes = plan.expected(), plan.multiplicity(), plan.sizes()
+    assert plan.clock == "last_seen" and np.triu(r).sum() == 0 and (m >= 0).all()
+    for j in range(1, phases):
+        if sizes[j] and sizes[:j].any():
+            assert r[j].sum() == pytest.approx(sizes[j] * fraction / (1 - fraction))
+        # the multiplicity depends on the clock alone: the same for every phase of introduction,
+        # and it falls with the time since the last showing (s = j - 1 is the most recent)
+        assert np.allclose(m[j, :j, :j], m[j, :1, :j])
+        assert (np.diff(m[j, 0, :j]) >= -1e-12).all()
+
+
+def test_replay_last_seen_clock_counts_from_the_last_showing():
+    """The paper's clock: a phase-0 row replayed in phase 2 is, in phase 3, as likely to return as a
+    phase-2 row, and (d = 2) four times likelier than a phase-0 row unseen since phase 0.
+    With the ``introduced`` clock every phase-0 row has the same chance, whatever its history."""
+    n, phases = 30_000, 4
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "_rank": np.arange(n)})
+    for clock in replay_lib.CLOCKS:
+        plan = replay_lib.ReplayPlan(n=n, phases=phases, fraction=0.3, exponent=2.0, seed=7, clock=clock)
+        out = replay_lib.expand_block(table, plan, "_rank")
+        shown = {}  # source id -> phases it appears in
+        for source, phase in zip(out["source_id"].to_pylist(), out["phase"].to_pylist()):
+            shown.setdefault(source, set()).add(phase)
+        home = plan.phase_of(np.arange(n))
+        m = plan.multiplicity()
+        rates = {}
+        for last in range(3):  # phase-0 rows by the phase they were last shown in before phase 3
+            rows = [f"r{i}" for i in np.flatnonzero(home == 0) if max(p for p in shown[f"r{i}"] if p < 3) == last]
+            back = np.mean([3 in shown[r] for r in rows])
+            expected = min(1.0, m[3, 0, last if clock == "last_seen" else 0])
+            assert abs(back - expected) <= 5 * math.sqrt(expected * (1 - expected) / len(rows)) + 1e-9, (clock, last)
+            rates[last] = expected
+        if clock == "last_seen":
+            assert rates[2] == pytest.approx(4 * rates[0]) and m[3, 0, 2] == pytest.approx(m[3, 2, 2])
+        else:
+            assert rates[0] == rates[1] == rates[2]
+        realised = np.zeros((phases, phases))
+        for phase, origin in zip(out["phase"].to_pylist(), out["_from_phase"].to_pylist()):
+            if phase != origin:  # a replayed copy
+                realised[phase, origin] += 1
+        expected = plan.expected()
+        assert (np.abs(realised - expected) <= 5 * np.sqrt(expected) + 1).all(), (clock, realised, expected)
+
+
+@FAST
 @given(n=st.integers(1, 150), phases=st.integers(1, 5), fraction=st.floats(0, 0.8), cut=st.integers(0, 150),
-       seed=st.integers(0, 99))
-def test_replay_blocks_give_the_same_rows_whatever_the_split(n, phases, fraction, cut, seed):
-    plan = replay_lib.ReplayPlan(n=n, phases=phases, fraction=fraction, exponent=1.0, seed=seed)
+       seed=st.integers(0, 99), clock=st.sampled_from(replay_lib.CLOCKS))
+def test_replay_blocks_give_the_same_rows_whatever_the_split(n, phases, fraction, cut, seed, clock):
+    plan = replay_lib.ReplayPlan(n=n, phases=phases, fraction=fraction, exponent=1.0, seed=seed, clock=clock)
     table = pa.table({"id": [f"r{i}" for i in range(n)], "_rank": np.arange(n)})
     cut = min(cut, n)
     whole = replay_lib.expand_block(table, plan, "_rank")
@@ -229,7 +280,8 @@ def tables(draw) -> pa.Table:
                      "g": groups, "c": pa.array(clusters, pa.int64())})
 
 
-def run(table: pa.Table, params: dict, blocks: int, seed: int) -> pa.Table:
+def run_split(table: pa.Table, params: dict, blocks: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(the ordered rows by position, the rows the stage hands the runner to drop)."""
     if blocks > 1:  # another layout: rows reversed and cut into uneven blocks
         table = table.take(np.arange(table.num_rows)[::-1].copy())
         cuts = sorted({0, table.num_rows, 1, table.num_rows // 3, table.num_rows // 2})
@@ -238,7 +290,17 @@ def run(table: pa.Table, params: dict, blocks: int, seed: int) -> pa.Table:
         parts = [table]
     ctx = StageContext(run_dir=Path("."), artifact_dir=Path("."), seed=seed, input_columns=table.column_names)
     out = OrderStage(OrderParams(name="order", **params)).apply(ray.data.from_arrow(parts), ctx)
-    return pa.concat_tables([t for t in ray.get(out.to_arrow_refs()) if t.num_rows]).sort_by("position")
+    full = pa.concat_tables([t for t in ray.get(out.to_arrow_refs()) if t.num_rows])
+    if "_drop_reason" not in full.column_names:
+        return full.sort_by("position"), full.slice(0, 0)
+    kept = full.filter(pa.compute.is_null(full["_drop_reason"])).drop_columns(["_drop_reason"])
+    return kept.sort_by("position"), full.filter(pa.compute.is_valid(full["_drop_reason"])).sort_by("id")
+
+
+def run(table: pa.Table, params: dict, blocks: int, seed: int) -> pa.Table:
+    kept, dropped = run_split(table, params, blocks, seed)
+    assert not dropped.num_rows or params["method"] == "pacing"
+    return kept
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -270,6 +332,75 @@ def test_every_strategy_is_deterministic_whatever_the_layout(ray_address, table,
 
 
 def _curriculum(table: pa.Table, doc_id: str) -> tuple:
-    """The (nulls last, key, id) order of 'quality_ascending' on key k, recomputed in Python."""
+    """The order of 'quality_ascending' on key k, recomputed in Python: a null or NaN key is the
+    worst value (nulls: worst), so it comes first; then the key; ties by id."""
     value = table["k"][table["id"].to_pylist().index(doc_id)].as_py()
-    return (value is None or math.isnan(value), 0.0 if value is None or math.isnan(value) else value, doc_id)
+    missing = value is None or math.isnan(value)
+    return (not missing, 0.0 if missing else value, doc_id)
+
+
+# ----------------------------------------------------------------------------- null keys
+
+WITH_KEY_FOR_DROP = {"random": {"key": "k"}}  # random reads a key only to drop its null rows
+
+
+@st.composite
+def tables_with_null_keys(draw) -> pa.Table:
+    n = draw(st.integers(12, 40))
+    values = draw(st.lists(st.one_of(st.sampled_from([0.0, 0.25, 0.5]), st.floats(-1, 1)), min_size=n, max_size=n))
+    missing = draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n // 3))
+    nan = draw(st.sets(st.sampled_from(sorted(missing))))  # some missing keys are NaN, not null
+    keys = [float("nan") if i in nan else None if i in missing else v for i, v in enumerate(values)]
+    groups = draw(st.lists(st.sampled_from(["web", "books", "code"]), min_size=n, max_size=n))
+    clusters = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    return pa.table({"id": [f"doc-{i:03d}" for i in range(n)], "text": ["t"] * n, "k": pa.array(keys, pa.float64()),
+                     "g": groups, "c": pa.array(clusters, pa.int64())})
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    return table.to_pylist()
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(table=tables_with_null_keys(), seed=st.integers(0, 1000))
+def test_null_keys_follow_the_nulls_setting_in_every_strategy(ray_address, table, seed):
+    """worst: the same order as with the null keys replaced by a value worse than every other
+    (sort: lower); last: the order of the rows with a value, then the null rows in id order
+    (buckets: shuffled), with the strategy's tail columns; drop: the order of the rows with a
+    value, the null rows handed to the runner with reason order.null_key. Each is compared on
+    another block layout than its reference, so it is layout-independent too."""
+    missing = pa.compute.is_null(table["k"], nan_is_null=True)
+    null_ids = sorted(i for i, m in zip(table["id"].to_pylist(), missing.to_pylist()) if m)
+    valued_table = table.filter(pa.compute.invert(missing))
+    for params in NON_REPEATING + REPEATING:
+        method = params["method"]
+        # worst
+        worst, _ = run_split(table, {**params, "nulls": "worst"}, 3, seed)
+        sentinel = 10.0 if params.get("higher_is_better") is False else -10.0
+        replaced = table.set_column(2, "k", pa.compute.if_else(missing, sentinel, table["k"]))
+        reference, _ = run_split(replaced, params, 1, seed)
+        assert _rows(worst.drop_columns(["k"])) == _rows(reference.drop_columns(["k"])), method
+        # last
+        last, _ = run_split(table, {**params, "nulls": "last"}, 3, seed)
+        if method == "random":  # reads no key: nulls change nothing
+            assert _rows(last.drop_columns(["k"])) == _rows(worst.drop_columns(["k"]))
+        else:
+            base, base_dropped = run_split(valued_table, params, 1, seed)
+            head, tail = last.slice(0, base.num_rows), last.slice(base.num_rows)
+            assert _rows(head) == _rows(base), method
+            tail_sources = tail["source_id" if method in ("pacing", "replay") else "id"].to_pylist()
+            assert (sorted(tail_sources) if method == "buckets" else tail_sources) == null_ids, method
+            column = {"buckets": "bucket", "folded": "phase", "replay": "phase", "pacing": "step"}.get(method)
+            if column == "step":
+                first = math.ceil(params["total_samples"] / params["batch_size"])
+                assert tail["step"].to_pylist() == [first + i // params["batch_size"] for i in range(tail.num_rows)]
+            elif column:
+                assert set(tail[column].to_pylist()) == {params.get("buckets", params.get("folds", params.get("phases")))}
+        # drop
+        kept, dropped = run_split(table, {**params, "nulls": "drop", **WITH_KEY_FOR_DROP.get(method, {})}, 3, seed)
+        if method == "random":
+            base, base_dropped = run_split(valued_table, params, 1, seed)
+        assert _rows(kept) == _rows(base), method
+        reasons = dict(zip(dropped["id"].to_pylist(), dropped["_drop_reason"].to_pylist()))
+        assert sorted(i for i, r in reasons.items() if r == "order.null_key") == null_ids, method
+        assert sorted(i for i, r in reasons.items() if r != "order.null_key") == base_dropped["id"].to_pylist()

@@ -272,6 +272,28 @@ def test_reference_lm_is_trained_saved_reused_and_reproducible(ray_address: str,
     assert digest[0] == digest[1]
 
 
+def test_reference_lm_scores_no_position_it_did_not_train(ray_address: str, tmp_path: Path) -> None:
+    """Training uses full seq_len chunks, so positions 0..seq_len-1 all get gradient; the model's context
+    (and so every scored window) must stop there, even when the stage's max_length is longer."""
+    rows = _docs(40)
+    long_text = " ".join(r["text"] for r in rows[:6])  # several windows of 32 tokens
+    rows.append({"id": "long", "text": long_text, "true_quality": 0.5})
+    reference = {**TINY_REFERENCE, "seq_len": 32, "model": {**TINY, "n_positions": 1024}}
+    params = PerplexityParams(reference=reference, max_length=64, token_budget=256)
+    ctx = _ctx(tmp_path)
+    out = {r["id"]: r for r in PerplexityStage(params).apply(_dataset(rows, 2), ctx).take_all()}
+    folder = ctx.artifact_dir / "reference_lm"
+    record = json.loads((folder / "reference.json").read_text())
+    scorer = PerplexityScorer(str(folder), max_length=64, threads=1)
+    trained = record["spec"]["seq_len"]
+    assert trained == 32 and scorer.model.config.n_positions == trained  # not the stage's 64, nor the dict's 1024
+    assert scorer.max_length == trained and ctx.info["max_length"] == trained and ctx.info["stride"] == trained - 1
+    sequence = scorer.tokenize([long_text])[0]
+    assert len(sequence) > 3 * trained
+    assert max(end - start for start, _, end in plan_windows(len(sequence), scorer.max_length, None)) <= trained
+    assert out["long"]["nll"] == scorer.score_texts([long_text])[0][0]
+
+
 def test_held_out_split_scores_only_the_other_half(ray_address: str, tmp_path: Path) -> None:
     rows = _docs(80)
     params = PerplexityParams(reference=TINY_REFERENCE, max_length=64, split="held_out")

@@ -80,6 +80,18 @@ def test_rerun_reuses_the_saved_model_and_scores_match(ray_address, tmp_path):
     assert ctx3.info["reused_model"] is False and changed["quality_clf"].tolist() != first["quality_clf"].tolist()
 
 
+def test_a_classifier_meta_cut_by_a_crash_is_retrained_not_a_failure(ray_address, tmp_path):
+    rows = corpus(120)
+    first, _ = run_stage({"positives": SYNTH_POSITIVES}, rows, tmp_path)
+    meta = tmp_path / "artifacts" / "classifier.json"
+    meta.write_text(meta.read_text()[:25])  # a plain write killed half-way
+    again, ctx = run_stage({"positives": SYNTH_POSITIVES}, rows, tmp_path)
+    assert ctx.info["reused_model"] is False
+    assert again["quality_clf"].tolist() == first["quality_clf"].tolist()
+    assert json.loads(meta.read_text())["n_negatives"] == 120
+    assert not [f.name for f in meta.parent.iterdir() if ".tmp" in f.name]  # atomic writes leave no temporaries
+
+
 def test_training_sample_size_is_honoured(ray_address, tmp_path):
     rows = corpus(400)
     _, ctx = run_stage({"positives": {"synthetic": {"docs": 200}}, "sample_size": 40,

@@ -21,3 +21,27 @@ class StageError(CurriculumError):
 
 class ModelLoadError(CurriculumError):
     """A model or tokenizer could not be loaded; the message names the model."""
+
+
+class UnreadableInputError(CurriculumError):
+    """An input file could not be read at all (a corrupt gzip, a broken parquet footer); names the file.
+
+    Raised inside Ray read tasks, where Ray wraps it; ``find_cause`` digs it out again in the driver.
+    """
+
+
+def find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The innermost exception of type ``kind`` in ``exc``'s chain (causes, contexts, Ray's wrapped
+    ``cause``): Ray re-raises a task's error as a subclass whose message is the whole traceback."""
+    seen: set[int] = set()
+    queue: list[BaseException | None] = [exc]
+    found = None
+    while queue:
+        current = queue.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            found = current
+        queue.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+    return found

@@ -16,7 +16,6 @@ half-written ``data/`` that looks complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 import pipeline
+from pipeline.core.files import read_json_or_none, write_json_atomic
 from pipeline.core.hashing import sha256_json
 
 SUCCESS = "_SUCCESS.json"
@@ -53,11 +53,9 @@ class StageCache:
 
     @staticmethod
     def record(folder: Path) -> dict[str, Any] | None:
-        """The completion record of a finished stage, or None."""
-        marker = folder / SUCCESS
-        if not marker.is_file():
-            return None
-        return json.loads(marker.read_text())
+        """The completion record of a finished stage, or None (also when the marker is unreadable)."""
+        record = read_json_or_none(folder / SUCCESS)
+        return record if isinstance(record, dict) else None
 
     @staticmethod
     def read(folder: Path, part: str = "data") -> ray.data.Dataset:
@@ -86,9 +84,7 @@ class StageCache:
 
     @staticmethod
     def complete(folder: Path, record: dict[str, Any]) -> None:
-        tmp = folder / f".{SUCCESS}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        tmp.rename(folder / SUCCESS)
+        write_json_atomic(folder / SUCCESS, record, indent=2, sort_keys=True, default=str)
 
     def artifacts(self, folder: Path) -> Path:
         path = folder / "artifacts"

@@ -29,7 +29,8 @@ from stages.registry import get_stage_class, stage_names
 class OutputConfig(StrictModel):
     rows_per_shard: int = Field(10_000, ge=1)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
-    keep_embeddings: bool = Field(False, description="Copy embedding columns into the shards.")
+    keep_embeddings: bool = Field(False, description="Copy the embedding stage's vector columns into the shards "
+                                  "(they always stay in the stage cache).")
 
 
 class Config(StrictModel):

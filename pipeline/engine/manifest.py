@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from importlib import metadata
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import CurriculumError
+from pipeline.core.files import write_json_atomic
 from pipeline.engine.config import Config
 
 _VERSIONED = ("ray", "torch", "transformers", "datasets", "polars", "pyarrow", "data-curriculum")
@@ -75,8 +75,4 @@ def check_balance(counts: dict[str, int], stages: list[dict[str, Any]]) -> None:
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> Path:
-    path = run_dir / "manifest.json"
-    tmp = run_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    tmp.rename(path)
-    return path
+    return write_json_atomic(run_dir / "manifest.json", manifest, indent=2, ensure_ascii=False)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.core.files import write_text_atomic
 from pipeline.io.runfolder import read_manifest
 from stages.combine import RECIPE
 
@@ -222,5 +223,5 @@ def inspect_run(run_dir: Path) -> tuple[str, Path]:
     page = "<!doctype html><html><head><meta charset='utf-8'><title>curriculum report</title></head><body>"
     page += "\n".join(body) + "</body></html>"
     index = run_dir / "report" / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text_atomic(index, page)
     return summary, index

@@ -23,7 +23,7 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 
 import pipeline
-from pipeline.core.errors import CurriculumError, StageError
+from pipeline.core.errors import CurriculumError, StageError, UnreadableInputError, find_cause
 from pipeline.core.hashing import sha256_json
 from pipeline.core.paths import expand_input_paths
 from pipeline.core.ray_session import connect_ray
@@ -120,8 +120,14 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
     read_record = cache.record(read_dir)
     if read_record is None:
         t0 = time.time()
-        parsed = read_input(config.input, seed, parallelism)
-        result = ingest(parsed.materialize())
+        try:
+            parsed = read_input(config.input, seed, parallelism)
+            result = ingest(parsed.materialize())
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the read task's error; name the file, not a traceback
+            unreadable = find_cause(exc, UnreadableInputError)
+            if unreadable is None:
+                raise
+            raise CurriculumError(str(unreadable).splitlines()[0]) from None
         good_rows = cache.write(result.good, read_dir, "data")
         quarantined = cache.write(result.quarantine, read_dir, "quarantine")
         read_record = {"name": "read", "key": read_key, "input_rows": result.input_rows, "quarantined": quarantined,
@@ -197,7 +203,9 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
     # ---- shards, quarantine, manifest
     t0 = time.time()
     final = cache.read(upstream_dir)
-    drop = set() if config.output.keep_embeddings else {c for c in final.schema().names if c.startswith("embedding")}
+    # Only the columns a stage declared cache-only; an input field that happens to be called
+    # "embedding..." is the user's data and passes through.
+    drop = set() if config.output.keep_embeddings else {c for s in stage_objects for c in s.cache_only_columns}
     shards = write_shards(final, out_dir, config.output.rows_per_shard, config.output.compression, drop)
     log(f"[write] {rows} rows -> {len(shards)} shard(s) in {time.time() - t0:.1f}s")
     _publish_quarantine(read_dir, out_dir)

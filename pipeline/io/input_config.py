@@ -17,7 +17,14 @@ class HFInput(StrictModel):
     split: str = "train"
     streaming: bool = True
     data_files: str | list[str] | None = None
-    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dataset_scripts(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError("trust_remote_code: datasets 5 no longer runs dataset loading scripts, so this key "
+                             "would have no effect; remove it (load a script-free dataset or a local folder)")
+        return data
 
 
 class SyntheticInput(StrictModel):

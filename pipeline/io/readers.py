@@ -33,7 +33,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.core.errors import ConfigError, CurriculumError, UnreadableInputError
 from pipeline.core.hashing import content_id
 from pipeline.core.paths import expand_input_paths
 from pipeline.io.input_config import InputConfig, SyntheticInput
@@ -166,13 +166,24 @@ class _ChunkedDatasource(Datasource):
     def _read_group(self, group: list[Any]) -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
         for unit in group:
-            for row in self.read_unit(unit):
-                rows.append(row)
-                if len(rows) >= self.block_rows:
-                    yield pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
-                    rows = []
+            try:
+                for row in self.read_unit(unit):
+                    rows.append(row)
+                    if len(rows) >= self.block_rows:
+                        yield pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
+                        rows = []
+            except (OSError, EOFError, ValueError, pa.ArrowException) as exc:
+                # A file that cannot be read at all (corrupt gzip, broken parquet footer) is not a bad
+                # record to quarantine: the run stops, naming the file (exit 1).
+                raise UnreadableInputError(f"cannot read input file {_unit_name(unit)}: {type(exc).__name__}: "
+                                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         if rows:
             yield pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
+
+
+def _unit_name(unit: Any) -> str:
+    """The file of a (file_index, path) unit; other units (index ranges, shards) as they are."""
+    return str(unit[1]) if isinstance(unit, tuple) and len(unit) == 2 and isinstance(unit[1], str) else repr(unit)
 
 
 def _bad_row(source: str, seq: int, raw: str, reason: str) -> dict[str, Any]:

@@ -38,9 +38,11 @@ class ReferenceLMSpec(BaseModel):
     min_frequency: int = Field(2, ge=1)
     model: dict[str, Any] = Field(
         default_factory=lambda: {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4},
-        description="A transformers config; n_positions / max_position_embeddings is set to the stage's max_length.",
+        description="A transformers config; n_positions / max_position_embeddings is set to the trained length "
+        "(min(seq_len, the stage's max_length)), so the model never scores a position it did not train.",
     )
-    seq_len: int = Field(128, ge=8, description="Training chunk length in tokens.")
+    seq_len: int = Field(128, ge=8, description="Training chunk length in tokens; also the longest window the "
+                         "reference LM scores (raise it for more context per window, at more training cost).")
     batch_size: int = Field(16, ge=1)
     steps: int = Field(300, ge=1, description="Optimizer steps (fixed, so training is reproducible).")
     lr: float = Field(3e-3, gt=0)
@@ -92,11 +94,11 @@ def train_reference_lm(texts: list[str], folder: Path, spec: ReferenceLMSpec, ma
     if not texts:
         raise ValueError("the reference sample has no text to train on")
     tokenizer = train_bpe_tokenizer(texts, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency)
-    model_config = dict(spec.model)
-    model_config.setdefault(_position_key(str(model_config.get("model_type", "gpt2"))), max_length)
-
-    # training chunks must fit the model's context, which is the stage's max_length
+    # The model's context is the length it trains on: GPT-2's position embeddings past the training
+    # length would get no gradient, yet score every longer document. The scorer then clamps its
+    # windows to this context (``context_size``).
     spec = spec.model_copy(update={"seq_len": min(spec.seq_len, max_length)})
+    model_config = {**spec.model, _position_key(str(spec.model.get("model_type", "gpt2"))): spec.seq_len}
     previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())
     torch.set_num_threads(spec.threads)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stages.base import variant_params
-from stages.order.repeats import expand
+from stages.order.repeats import DROP_REASON, TIMES, expand
 
 FUNCTIONS = ("fixed_linear", "fixed_root", "fixed_discrete", "sqrt", "p")
 _FUNCTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -244,11 +244,13 @@ def _distinct_rows(rng: np.random.Generator, pools: np.ndarray, b: int) -> np.nd
         draws[repeated] = rng.integers(0, pools[rows])
 
 
-def expand_block(table: pa.Table, plan: PacingPlan, rank_column: str) -> pa.Table:
+def expand_block(table: pa.Table, plan: PacingPlan, rank_column: str, unshown: str | None = None) -> pa.Table:
     """Every draw that lands on one of this block's ranks, as a row with ``step`` and ``_slot``.
 
     The block regenerates the windows whose pools reach its lowest rank and keeps the draws on
-    its own ranks, so no draw list ever passes through the driver or a shuffle.
+    its own ranks, so no draw list ever passes through the driver or a shuffle. With ``unshown``
+    (a drop reason), the block's rows that no step draws follow once each, with that reason in
+    ``_drop_reason`` (null for the drawn rows), null ``step`` and ``repeat``, and ``_times`` 0.
     """
     ranks = table[rank_column].to_numpy()
     order = np.argsort(ranks, kind="stable")
@@ -269,5 +271,15 @@ def expand_block(table: pa.Table, plan: PacingPlan, rank_column: str) -> pa.Tabl
     source = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     step_all = np.concatenate(steps) if steps else np.zeros(0, np.int64)
     slot_all = np.concatenate(slots) if slots else np.zeros(0, np.int64)
-    return expand(table, source, occurrence=[step_all, slot_all],
-                  extra={"step": pa.array(step_all, pa.int64()), "_slot": pa.array(slot_all, pa.int64())})
+    drawn = expand(table, source, occurrence=[step_all, slot_all],
+                   extra={"step": pa.array(step_all, pa.int64()), "_slot": pa.array(slot_all, pa.int64())})
+    if unshown is None:
+        return drawn
+    idle = np.flatnonzero(np.bincount(source, minlength=table.num_rows) == 0)
+    none = pa.nulls(len(idle), pa.int64())
+    never = expand(table, idle, occurrence=[np.zeros(len(idle))], extra={"step": none, "_slot": none})
+    never = never.set_column(never.column_names.index("repeat"), "repeat", none)
+    never = never.set_column(never.column_names.index(TIMES), TIMES, pa.array(np.zeros(len(idle), np.int64)))
+    drawn = drawn.append_column(DROP_REASON, pa.nulls(drawn.num_rows, pa.string()))
+    never = never.append_column(DROP_REASON, pa.array([unshown] * len(idle), pa.string()))
+    return pa.concat_tables([drawn, never])

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 REPEAT_SEPARATOR = "#r"
 TIMES = "_times"
+DROP_REASON = "_drop_reason"  # the runner's column: rows with a reason go to the stage's dropped/ folder
 
 
 def expand(table: pa.Table, source: np.ndarray, occurrence: list[np.ndarray], extra: dict[str, pa.Array]) -> pa.Table:

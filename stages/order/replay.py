@@ -1,11 +1,15 @@
 """Power-law replay over curriculum phases (the order stage's ``replay``).
 
-After "Catastrophic Interference is Mitigated in Naturalistic Power-Law Learning Environments"
-(2024): the curriculum is cut into phases of equal size; each later phase holds its own rows
-plus a share ``replay_fraction`` of replayed rows from earlier phases, phase i contributing in
-proportion to (j − i + 1)^(−d). Each row's replay count is ⌊m⌋ or ⌊m⌋+1 by a seeded hash, so
-counts are exact in expectation; each copy takes a seeded random place in its phase. The
-formula and the manifest's expected and realised matrices: docs/methods.md §6.
+After Gandhi et al., "Catastrophic Interference is Mitigated in Naturalistic Power-Law Learning
+Environments" (2024): the curriculum is cut into phases of equal size; each later phase holds its
+own rows plus a share ``replay_fraction`` of replayed rows from earlier phases, weighted by the
+power law (a + 1)^(−d) of an age a in phases. The paper's clock (``replay_clock: last_seen``, the
+default) counts a row's age from the phase in which it was last shown, introduced or replayed,
+so a row replayed recently is likelier to return than one unseen for long; ``introduced`` counts
+from the phase that introduced the row, whatever was replayed since. Each row's replay count is
+⌊m⌋ or ⌊m⌋+1 by a seeded hash of (seed, id, phase), so counts are exact in expectation; each
+copy takes a seeded random place in its phase. The formula and the manifest's expected and
+realised matrices: docs/methods.md §6.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pipeline.core.hashing import hash64
 from stages.order.repeats import expand
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+CLOCKS = ("last_seen", "introduced")
 
 
 def mix64(values: np.ndarray, salt: int) -> np.ndarray:
@@ -42,6 +47,7 @@ class ReplayPlan:
     fraction: float
     exponent: float
     seed: int
+    clock: str = "last_seen"
 
     def starts(self) -> np.ndarray:
         """The first rank of each phase, plus N at the end."""
@@ -50,23 +56,58 @@ class ReplayPlan:
     def sizes(self) -> np.ndarray:
         return np.diff(self.starts())
 
-    def expected(self) -> np.ndarray:
-        """R[j, i]: the expected replayed rows from phase i in phase j (zero unless i < j)."""
+    def budget(self) -> np.ndarray:
+        """R_j = n_j · ρ / (1 − ρ): the replayed rows of phase j (0 for phase 0 and empty phases)."""
         sizes = self.sizes().astype(np.float64)
-        out = np.zeros((self.phases, self.phases))
+        out = np.zeros(self.phases)
         for j in range(1, self.phases):
-            earlier = np.flatnonzero(sizes[:j] > 0)
-            if sizes[j] == 0 or len(earlier) == 0 or self.fraction == 0:
-                continue
-            weights = (j - earlier + 1.0) ** (-self.exponent)
-            out[j, earlier] = sizes[j] * self.fraction / (1.0 - self.fraction) * weights / weights.sum()
+            if sizes[j] and sizes[:j].any() and self.fraction:
+                out[j] = sizes[j] * self.fraction / (1.0 - self.fraction)
         return out
 
+    def weight(self, j: int, last: np.ndarray) -> np.ndarray:
+        """The power-law weight in phase j of material last shown (or introduced) in phase ``last``."""
+        return (j - np.asarray(last, dtype=np.float64) + 1.0) ** (-self.exponent)
+
     def multiplicity(self) -> np.ndarray:
-        """m[j, i] = R[j, i] / n_i: the expected copies of one phase-i row in phase j."""
-        sizes = self.sizes().astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(sizes[None, :] > 0, self.expected() / np.where(sizes > 0, sizes, 1.0)[None, :], 0.0)
+        """M[j, h, s]: the expected copies in phase j of one row introduced in phase h (h < j) whose
+        clock reads s (its last showing for ``last_seen``, always h for ``introduced``)."""
+        return self._chain()[0]
+
+    def expected(self) -> np.ndarray:
+        """R[j, i]: the expected replayed rows from phase i in phase j (zero unless i < j)."""
+        return self._chain()[1]
+
+    def _chain(self) -> tuple[np.ndarray, np.ndarray]:
+        """Propagate the expected number of rows per (phase introduced h, clock s) through the
+        phases: every row's draws are independent seeded hashes, so expectations are exact."""
+        p, sizes, budget = self.phases, self.sizes().astype(np.float64), self.budget()
+        m = np.zeros((p, p, p))
+        expected = np.zeros((p, p))
+        state = np.zeros((p, p))  # state[h, s]: rows introduced in h whose clock reads s
+        for j in range(p):
+            if j and budget[j]:
+                earlier = np.arange(j)
+                if self.clock == "introduced":
+                    # R_{j,i} = R_j · w(i) / Σ_{i' nonempty} w(i'): a share per phase, split evenly over its rows.
+                    nonempty = earlier[sizes[earlier] > 0]
+                    w = self.weight(j, nonempty)
+                    share = budget[j] * w / w.sum()
+                    m[j, nonempty, nonempty] = share / sizes[nonempty]
+                else:
+                    # Each row weighs w(j − s + 1); the budget is spread in proportion over all earlier rows.
+                    w = self.weight(j, earlier)
+                    total = float((state[:j, :j] * w[None, :]).sum())
+                    if total > 0:
+                        m[j, :j, :j] = budget[j] * w[None, :] / total
+                expected[j, :j] = (state[:j, :j] * m[j, :j, :j]).sum(axis=1)
+                if self.clock == "last_seen":
+                    shown = np.minimum(1.0, m[j, :j, :j])  # P(at least one copy) = min(1, m)
+                    moved = state[:j, :j] * shown
+                    state[:j, :j] -= moved
+                    state[:j, j] += moved.sum(axis=1)
+            state[j, j] = sizes[j]
+        return m, expected
 
     def phase_of(self, ranks: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts(), ranks, side="right") - 1
@@ -74,21 +115,26 @@ class ReplayPlan:
 
 def expand_block(table: pa.Table, plan: ReplayPlan, rank_column: str) -> pa.Table:
     """One block's rows in their own phase plus their replayed copies, with ``phase``, ``_v``
-    (the place inside the phase) and ``_from_phase``; the caller sorts by (phase, _v)."""
+    (the place inside the phase) and ``_from_phase``; the caller sorts by (phase, _v).
+
+    Each row carries its own clock from phase to phase, so the block needs nothing but its rows."""
     ranks = table[rank_column].to_numpy()
     phase = plan.phase_of(ranks)
     starts, sizes = plan.starts(), plan.sizes()
     base = hash64(table["id"].to_pylist(), plan.seed, "order.replay").astype(np.uint64)
     m = plan.multiplicity()
+    clock = phase.copy()  # the phase each row was last shown in (introduced, for now)
 
     sources = [np.arange(table.num_rows, dtype=np.int64)]
     phases = [phase]
     places = [(ranks - starts[phase] + 0.5) / sizes[phase]]
     for j in range(1, plan.phases):
         rows = np.flatnonzero(phase < j)
-        expected = m[j, phase[rows]]
+        expected = m[j, phase[rows], clock[rows]]
         whole = np.floor(expected)
         copies = (whole + (unit(mix64(base[rows], 2 * j)) < expected - whole)).astype(np.int64)
+        if plan.clock == "last_seen":
+            clock[rows[copies > 0]] = j
         src = np.repeat(rows, copies)
         if not len(src):
             continue
