@@ -22,28 +22,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.core.paths import JSONL_SUFFIXES, expand_input_paths
+from pipeline.io.input_config import HFInput
 from pipeline.io.readers import load_hf_dataset
 from pipeline.io.synth import graded_document
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class HFSource(_Strict):
-    name: str = Field(..., min_length=1, description="A datasets name on the hub, or a local folder.")
-    config: str | None = None
-    split: str = "train"
-    data_files: str | list[str] | None = None
-    streaming: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_dataset_scripts(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "trust_remote_code" in data:
-            raise ValueError("trust_remote_code: datasets 5 no longer runs dataset loading scripts, so this key "
-                             "would have no effect; remove it (load a script-free dataset or a local folder)")
-        return data
 
 
 class SyntheticSource(_Strict):
@@ -75,7 +60,7 @@ class TrustedText(_Strict):
     max_read: int | None = Field(
         None, ge=1, description="Read at most this many documents (the first ones): a bound for a large hub "
         "dataset, which is otherwise streamed to its end to draw the hashed sample.")
-    hf: HFSource | None = None
+    hf: HFInput | None = None
     synthetic: SyntheticSource | None = None
 
     @model_validator(mode="before")
@@ -170,7 +155,7 @@ def _plain_texts(path: str, field: str) -> Iterator[str]:
         yield "\n".join(paragraph)
 
 
-def _hf_texts(spec: HFSource, field: str) -> Iterator[str]:
+def _hf_texts(spec: HFInput, field: str) -> Iterator[str]:
 
     for record in load_hf_dataset(spec.model_dump()):
         if _usable(record.get(field)):
