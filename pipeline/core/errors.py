@@ -21,3 +21,13 @@ class StageError(CurriculumError):
 
 class ModelLoadError(CurriculumError):
     """A model or tokenizer could not be loaded; the message names the model."""
+
+
+class FieldError(ValueError):
+    """A config value that is wrong only together with others, raised by a validator that checks
+    several fields; ``key`` is the dotted path of the field at fault, relative to the model that
+    raised it, so the error line names that key and not the whole section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
