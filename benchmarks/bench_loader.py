@@ -1,30 +1,48 @@
-"""Curriculum loader throughput against a raw pyarrow read of the same shards (issue 5).
+"""Curriculum loader throughput against the same work done by the cheapest route, and by
+Hugging Face ``datasets`` streaming (issues 5 and 10).
 
-Baseline ("raw"): read each shard in name order with ``pyarrow.parquet.read_table`` (text column
-only) and tokenize the texts with the same fast tokenizer, in the same chunk size, counting the
-tokens. That is the least work that turns the shards into tokens. The loader does all of that
-plus what training needs: position checks, EOS separators, packing into ``seq_len`` sequences,
-batches as tensors, labels, and the resume cursor. Both run in this process, one after the
-other, and who goes first alternates; the best and the median of ``--repeats`` are reported.
+Every reader does the same work and yields the same batches (checked: token count and a CRC of
+every batch's ``input_ids``): read the shards' ``text`` column in file-name order, in record
+batches of ``--chunk-rows`` documents; tokenize each record batch with one call of the same
+fast tokenizer (``Encoder.encode``: ``encode_batch_fast``, no special tokens); put EOS after
+every document; pack the stream into ``--seq-len`` sequences; yield batches of ``--batch-size``
+sequences as int64 tensors (``input_ids``, ``attention_mask``, ``labels``), the last one padded.
+
+- ``raw``: ``pyarrow.parquet.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=["text"])``
+  per shard, then the packing below: the least code and work that gives these batches.
+- ``datasets``: what a user would pick instead, ``datasets.load_dataset("parquet",
+  data_files=shards, split="train", streaming=True).select_columns(["text"])`` read with
+  ``.iter(batch_size=chunk_rows)``, then the same tokenizer calls and packing.
+- ``loader``: ``CurriculumLoader(max_epochs=1)``, which also reads ``position``, checks that
+  every document has the position it expects, and builds the ``positions`` tensor and the
+  resume cursor of every batch.
+
+Each reader is timed from opening the data to its last batch, in this process, one after the
+other; the order rotates between repeats. The best and the median of ``--repeats`` are reported.
 Target: loader >= 0.8 x raw (tokens/s, CPU).
 
-The run folder is made once by the real pipeline (synthetic graded corpus, quality-ascending
-order) under benchmarks/out/loader-run, or given with ``--data RUN_DIR``. Writes
-benchmarks/out/loader.json. ``python benchmarks/bench_loader.py [--docs 4000] [--quick]``.
+The run folder is ``--data RUN_DIR``, or else ``benchmarks/out/loader-run-<docs>/``, built once
+by the real pipeline and reused: the synthetic graded corpus (``--docs`` documents), the
+``quality`` stage, ordered by ``alpha_ratio`` (``order: sort``), 8 shards. Writes
+``benchmarks/out/loader.json``. ``python benchmarks/bench_loader.py [--docs 4000] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
 import time
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
 from common import OUT_DIR  # noqa: E402  (first: puts the checkout on sys.path)
 
 from pipeline.io.runfolder import shard_files  # noqa: E402
@@ -49,19 +67,51 @@ def make_run(docs: int) -> Path:
     return folder
 
 
-def raw_read(files: list[Path], encoder: Encoder, chunk_rows: int) -> int:
-    tokens = 0
+def pack(texts: Iterable[list[str]], encoder: Encoder, seq_len: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenize each list of texts with one call, EOS after every document, cut into batches."""
+    size = seq_len * batch_size
+    buf = np.empty(0, np.int64)
+    for chunk in texts:
+        ids = encoder.encode(chunk)
+        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))
+        buf = np.concatenate([buf, np.insert(flat, np.cumsum(lengths), encoder.eos)])
+        full = len(buf) // size * size
+        for start in range(0, full, size):
+            input_ids = torch.from_numpy(buf[start:start + size].reshape(batch_size, seq_len))
+            yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+        buf = buf[full:]
+    if len(buf):  # the tail: a shorter batch, its last row padded
+        rows = -(-len(buf) // seq_len)
+        input_ids = np.full(rows * seq_len, encoder.pad, np.int64)
+        mask = np.zeros(rows * seq_len, np.int64)
+        input_ids[:len(buf)], mask[:len(buf)] = buf, 1
+        input_ids, mask = input_ids.reshape(rows, seq_len), mask.reshape(rows, seq_len)
+        yield {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+               "labels": torch.from_numpy(np.where(mask == 1, input_ids, -100))}
+
+
+def raw_texts(files: list[Path], chunk_rows: int) -> Iterator[list[str]]:
     for f in files:
-        texts = pq.read_table(f, columns=["text"])["text"].to_pylist()
-        for start in range(0, len(texts), chunk_rows):
-            tokens += sum(len(ids) + 1 for ids in encoder.encode(texts[start : start + chunk_rows]))  # + EOS
-    return tokens
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=["text"]):
+            yield batch.column(0).to_pylist()
 
 
-def loader_read(run_dir: Path, tokenizer, seq_len: int, batch_size: int, chunk_rows: int, workers: int) -> int:
-    loader = CurriculumLoader(run_dir, tokenizer, seq_len, batch_size, max_epochs=1, chunk_rows=chunk_rows,
-                              num_workers=workers)
-    return sum(int(b["attention_mask"].sum()) for b in loader)
+def datasets_texts(files: list[Path], chunk_rows: int) -> Iterator[list[str]]:
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+    for batch in ds.select_columns(["text"]).iter(batch_size=chunk_rows):
+        yield batch["text"]
+
+
+def consume(batches: Iterable[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(tokens, CRC of every batch's input_ids in order): what the readers must agree on."""
+    tokens, crc = 0, 0
+    for b in batches:
+        tokens += int(b["attention_mask"].sum())
+        crc = zlib.crc32(b["input_ids"].numpy().tobytes(), crc)
+    return tokens, crc
 
 
 def main() -> int:
@@ -81,56 +131,69 @@ def main() -> int:
     run_dir = Path(args.data) if args.data else make_run(args.docs)
     files = shard_files(run_dir)
 
+    import datasets  # noqa: F401  (imported before timing: an import is not reading)
+
     from pipeline.models.lm import train_bpe_tokenizer
 
     sample = pq.read_table(files[0], columns=["text"])["text"].to_pylist()[:1000]
     tokenizer = train_bpe_tokenizer(sample, vocab_size=4096)
     encoder = Encoder(tokenizer)
+    L, B, rows = args.seq_len, args.batch_size, args.chunk_rows
 
-    timings: dict[str, list[float]] = {"raw": [], "loader": []}
+    readers = {
+        "raw": lambda: pack(raw_texts(files, rows), encoder, L, B),
+        "datasets": lambda: pack(datasets_texts(files, rows), encoder, L, B),
+        "loader": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows),
+    }
     if args.workers:
-        timings[f"loader_{args.workers}_workers"] = []
-    counts: dict[str, int] = {}
+        readers[f"loader_{args.workers}_workers"] = lambda: CurriculumLoader(
+            run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, num_workers=args.workers)
+    load_start = os.getloadavg()
+    timings: dict[str, list[float]] = {name: [] for name in readers}
+    results: dict[str, tuple[int, int]] = {}
+    names = list(readers)
+    started = time.perf_counter()
     for repeat in range(args.repeats):
-        names = list(timings) if repeat % 2 == 0 else list(reversed(timings))  # alternate who goes first
-        for name in names:
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
-            if name == "raw":
-                counts[name] = raw_read(files, encoder, args.chunk_rows)
-            else:
-                workers = args.workers if name != "loader" else 0
-                counts[name] = loader_read(run_dir, tokenizer, args.seq_len, args.batch_size, args.chunk_rows, workers)
+            results[name] = consume(readers[name]())
             timings[name].append(time.perf_counter() - t0)
-    if len(set(counts.values())) != 1:
-        raise SystemExit(f"token counts differ between raw and loader: {counts}")
-    best = {k: min(v) for k, v in timings.items()}
-    rates = {k: counts["raw"] / t for k, t in best.items()}
-    median_rates = {k: counts["raw"] / float(np.median(v)) for k, v in timings.items()}
+    if len(set(results.values())) != 1:
+        raise SystemExit(f"the readers' batches differ (tokens, CRC of input_ids): {results}")
+    tokens = results["raw"][0]
+    rates = {k: tokens / min(v) for k, v in timings.items()}
+    median_rates = {k: tokens / float(np.median(v)) for k, v in timings.items()}
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU, python {platform.python_version()}",
-        "load_average": os.getloadavg(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "seconds_total": round(time.perf_counter() - started, 1),
         "run_dir": str(run_dir),
         "rows": sum(pq.read_metadata(f).num_rows for f in files),
         "shards": len(files),
-        "tokens": counts["raw"],
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "chunk_rows": args.chunk_rows,
+        "tokens": tokens,
+        "seq_len": L,
+        "batch_size": B,
+        "chunk_rows": rows,
         "seconds": timings,
         "tokens_per_second": {k: round(v) for k, v in rates.items()},
         "tokens_per_second_median": {k: round(v) for k, v in median_rates.items()},
-        "ratio_loader_vs_raw": round(rates["loader"] / rates["raw"], 3),
-        "ratio_loader_vs_raw_median": round(median_rates["loader"] / median_rates["raw"], 3),
+        "ratio_to_raw": {k: round(v / rates["raw"], 3) for k, v in rates.items()},
+        "ratio_to_raw_median": {k: round(v / median_rates["raw"], 3) for k, v in median_rates.items()},
+        "ratio_loader_vs_datasets": round(rates["loader"] / rates["datasets"], 3),
+        "ratio_loader_vs_datasets_median": round(median_rates["loader"] / median_rates["datasets"], 3),
     }
-    if args.workers:
-        result[f"ratio_loader_{args.workers}_workers_vs_raw"] = round(rates[f"loader_{args.workers}_workers"] / rates["raw"], 3)
     (OUT / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("| reader | tokens/s (best) | ratio to raw (best) | ratio to raw (median) |")
-    print("|---|---|---|---|")
-    for k, v in rates.items():
-        print(f"| {k} | {v:,.0f} | {v / rates['raw']:.2f} | {median_rates[k] / median_rates['raw']:.2f} |")
-    print(f"{counts['raw']} tokens from {result['rows']} documents in {len(files)} shards; "
-          f"load average {result['load_average'][0]:.1f}")
+    print("| reader | tokens/s (best) | tokens/s (median) | × raw (best) | × raw (median) |")
+    print("|---|---:|---:|---:|---:|")
+    for k in readers:
+        print(f"| {k} | {rates[k]:,.0f} | {median_rates[k]:,.0f} | {rates[k] / rates['raw']:.2f} | "
+              f"{median_rates[k] / median_rates['raw']:.2f} |")
+    print(f"loader / datasets: {result['ratio_loader_vs_datasets']:.2f} (best), "
+          f"{result['ratio_loader_vs_datasets_median']:.2f} (median)")
+    print(f"{tokens} tokens from {result['rows']} documents in {len(files)} shards; load average "
+          f"{load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end; "
+          f"{result['seconds_total']} s of timed reading")
     return 0
 
 

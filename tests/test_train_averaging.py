@@ -25,16 +25,31 @@ def test_weights_sum_to_one_and_follow_the_formulas(k: int):
         assert sum(w) == pytest.approx(1.0, abs=1e-12)
         assert len(w) == k
     assert sma == pytest.approx([1 / k] * k)
-    z = sum(0.2**i for i in range(k))
-    assert ema == pytest.approx([0.2 ** (k - 1 - j) / z for j in range(k)])  # oldest first
+    # oldest first: the oldest keeps (1 - a)^(k-1), the j-th newest (j = 0 … k-2) gets a (1 - a)^j
+    assert ema == pytest.approx([0.8 ** (k - 1)] + [0.2 * 0.8 ** (k - 1 - j) for j in range(1, k)])
     assert wma == pytest.approx([(j + 1) / (k * (k + 1) / 2) for j in range(k)])
     if k > 1:
-        assert ema[-1] > ema[-2] and ema[-2] / ema[-1] == pytest.approx(0.2)  # the newest dominates
+        assert ema[-1] == pytest.approx(0.2)  # the newest gets alpha
         assert wma[-1] / wma[0] == pytest.approx(k)
+    if k > 2:
+        assert ema[-2] / ema[-1] == pytest.approx(0.8)  # and each one before it 1 - alpha of the next
 
 
-def test_ema_of_six_puts_about_080_on_the_newest():
-    assert averaging_weights("ema", 6, 0.2)[-1] == pytest.approx(0.8 / (1 - 0.2**6))
+def test_ema_of_six_is_the_recursion_from_the_oldest_to_the_newest(tmp_path: Path):
+    # Luo et al.'s CMA/CDMA setting: EMA with alpha 0.2 over the last 6 checkpoints. The newest gets
+    # 0.2 and the oldest 0.33: a real average, not 0.8 on the newest.
+    weights = averaging_weights("ema", 6, 0.2)
+    assert weights == pytest.approx([0.32768, 0.08192, 0.1024, 0.128, 0.16, 0.2])
+    assert [round(w, 2) for w in weights] == [0.33, 0.08, 0.10, 0.13, 0.16, 0.20]
+    # The same numbers as running avg <- 0.2 * theta_i + 0.8 * avg over real tensors, oldest first.
+    gen = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(7, 3, generator=gen) for _ in range(6)]
+    files = [_write(tmp_path / f"e{i}.safetensors", {"w": t}) for i, t in enumerate(thetas)]
+    avg = thetas[0].double()
+    for theta in thetas[1:]:
+        avg = 0.2 * theta.double() + 0.8 * avg
+    assert torch.allclose(average_state(files, weights)["w"].double(), avg, atol=1e-6)
+    assert averaging_weights("ema", 4, 1.0) == pytest.approx([0, 0, 0, 1])  # alpha 1: the newest alone
 
 
 def test_unknown_method_is_refused():
@@ -190,6 +205,10 @@ def test_cli_average_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     info = json.loads((tmp_path / "wma" / "averaging.json").read_text())
     assert info["weights"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
     assert "weights: 0.1667, 0.3333, 0.5000" in capsys.readouterr().out
+    assert main(["average", *map(str, folders), "--method", "ema", "--out", str(tmp_path / "ema")]) == 0
+    info = json.loads((tmp_path / "ema" / "averaging.json").read_text())
+    assert info["weights"] == pytest.approx([0.64, 0.16, 0.2]) and info["alpha"] == 0.2
+    assert "weights: 0.6400, 0.1600, 0.2000" in capsys.readouterr().out
 
     assert main(["average", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def test_no_climb_after_the_last_step(kind: str):
     shape=st.sampled_from(SHAPES),
     total=st.integers(1, 500),
     warmup=st.integers(0, 50),
-    decay_fraction=st.floats(0, 1),
+    decay_fraction=st.floats(0, 1, exclude_min=True),
     ratio=st.floats(0, 1),
 )
 def test_schedule_is_bounded_and_never_rises_after_warmup(kind, shape, total, warmup, decay_fraction, ratio):
@@ -98,8 +98,28 @@ def test_schedule_is_bounded_and_never_rises_after_warmup(kind, shape, total, wa
     assert all(0 <= v <= PEAK * (1 + 1e-12) for v in values)
     post = values[s.warmup_steps:]
     assert all(b <= a + 1e-15 for a, b in zip(post, post[1:]))
-    if kind != "constant" and s.decay_start < total:  # a decay phase exists: it ends at the final LR
+    if kind != "constant" and s.warmup_steps < total:  # a step after warmup: the last one is at the final LR
         assert values[total - 1] == pytest.approx(PEAK * ratio, abs=1e-15)
+
+
+def test_wsd_decays_on_at_least_the_last_step_and_refuses_no_decay():
+    # 0.1% of 200 steps rounds to no step at all: the run would end at the peak, not at the final LR.
+    s = make_schedule("wsd", PEAK, total=200, warmup=0, decay_fraction=0.001, final_lr_ratio=1 / 3)
+    assert s.decay_start == 199 and lr_at(198, s) == PEAK
+    assert lr_at(199, s) == pytest.approx(PEAK / 3)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        make_schedule("wsd", PEAK, total=200, decay_fraction=0.0)
+
+
+def test_wsd_without_decay_is_a_config_error_naming_the_key():
+    from pipeline.core.errors import ConfigError
+    from pipeline.engine.config import validate_config
+
+    with pytest.raises(ConfigError, match=r"train\.schedule\.decay_fraction: wsd with decay_fraction 0 never decays"):
+        validate_config({"train": {"schedule": {"kind": "wsd", "decay_fraction": 0}}})
+    with pytest.raises(ConfigError, match=r"train\.schedule\.decay_fraction"):
+        validate_config({"train": {"schedule": {"decay_fraction": 0}}})  # wsd is the default kind
+    validate_config({"train": {"schedule": {"kind": "constant", "decay_fraction": 0}}})  # unused there: fine
 
 
 def test_bad_arguments_are_refused():

@@ -35,7 +35,7 @@ TRAIN = {
     "max_tokens": 40 * 8 * 32,  # 40 steps
     "optimizer": {"lr": 0.003},
     "schedule": {"kind": "wsd", "warmup": 4, "decay_fraction": 0.3, "decay_shape": "1-sqrt", "final_lr_ratio": 0.333},
-    "averaging": {"method": "ema", "last_k": 3, "alpha": 0.2, "every": 5},
+    "averaging": {"method": "ema", "last_k": 3, "alpha": 0.2, "window": 0.25},  # the last 10 steps: every 3
     "eval": {"every": 10, "max_tokens": 512, "sets": {"clean": {"synthetic": {"docs": 20, "min_quality": 0.7}}}},
     "log_every": 1,
     "threads": 1,
@@ -93,7 +93,7 @@ def test_outputs_follow_the_contract(reference: tuple[Path, Path]):
     assert all(rows[i]["position"] >= rows[i - 1]["position"] for i in range(1, 40))  # marches through the curriculum
 
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["step-0000030", "step-0000035", "step-0000040"]  # last_k=3 on the grid (+ the newest)
+    assert kept == ["step-0000034", "step-0000037", "step-0000040"]  # last_k=3 on the grid 40, 37, 34, … 1
     state = json.loads((out / "checkpoints" / "step-0000040" / "state.json").read_text())
     assert state["step"] == 40 and set(state["loader"]) == {"epoch", "row", "offset", "batch"}
     assert state["loader"]["batch"] == 40 * 2  # 40 steps x grad_accum 2 micro-batches
@@ -101,8 +101,10 @@ def test_outputs_follow_the_contract(reference: tuple[Path, Path]):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["eval_clean"] == pytest.approx(rows[-1]["eval_clean"], rel=1e-6)
     averaging = json.loads((out / "averaged" / "averaging.json").read_text())
-    assert averaging["steps"] == [30, 35, 40] and averaging["method"] == "ema"
-    assert averaging["weights"] == pytest.approx([0.04 / 1.24, 0.2 / 1.24, 1 / 1.24])
+    # window 0.25 of 40 steps = 10 steps, every = 10 // 3 = 3: every averaged checkpoint is in the last 10 steps
+    assert averaging["steps"] == [34, 37, 40] and averaging["method"] == "ema"
+    assert (averaging["every"], averaging["last_k"], averaging["window_steps"]) == (3, 3, 10)
+    assert averaging["weights"] == pytest.approx([0.64, 0.16, 0.2])  # avg <- 0.2 theta + 0.8 avg, oldest first
     assert set(summary["averaged"]) == {"eval_clean"} and np.isfinite(summary["averaged"]["eval_clean"])
 
     for name in ("final", "averaged"):
@@ -112,7 +114,7 @@ def test_outputs_follow_the_contract(reference: tuple[Path, Path]):
     last = load_file(str(out / "checkpoints" / "step-0000040" / "model.safetensors"))
     assert all(torch.equal(final[k], last[k]) for k in final)
     averaged = load_file(str(out / "averaged" / "model.safetensors"))
-    ckpts = [load_file(str(out / "checkpoints" / f"step-{s:07d}" / "model.safetensors")) for s in (30, 35, 40)]
+    ckpts = [load_file(str(out / "checkpoints" / f"step-{s:07d}" / "model.safetensors")) for s in (34, 37, 40)]
     key = "transformer.h.0.mlp.c_fc.weight"
     expected = sum(w * c[key].double() for w, c in zip(averaging["weights"], ckpts))
     assert torch.allclose(averaged[key].double(), expected, atol=1e-6)
@@ -122,7 +124,7 @@ def test_exact_resume_after_sigkill(reference: tuple[Path, Path], run_dir: Path,
     config, ref_out = reference
     out = tmp_path / "killed"
     seed = int(os.environ.get("TRAIN_KILL_SEED", random.SystemRandom().randrange(10**6)))
-    kill_after = random.Random(seed).randint(6, 33)  # a metrics line past the first checkpoint (step 5)
+    kill_after = random.Random(seed).randint(6, 33)  # a metrics line past a few checkpoints (steps 1, 4, 7, …)
     proc = subprocess.Popen(_train_cmd(config, run_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=_env(), text=True)
     metrics = out / "metrics.jsonl"
@@ -166,6 +168,18 @@ def test_changed_config_does_not_resume_old_checkpoints(reference: tuple[Path, P
     assert (out / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.parametrize(("key", "value"), [("threads", 2), ("deterministic", "false")])
+def test_resume_refuses_other_numerics(reference: tuple[Path, Path], run_dir: Path, key: str, value: object,
+                                       capsys: pytest.CaptureFixture[str]):
+    config, out = reference
+    before = (out / "metrics.jsonl").read_text()
+    code = main(["train", str(config), "--data", str(run_dir), "--out", str(out), "--set", f"train.{key}={value}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"written with train.{key}:" in err and "bit for bit" in err and "use a new --out" in err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
 def test_config_errors_exit_2_and_write_nothing(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     config = _config_file(tmp_path, TRAIN)
     out = tmp_path / "out"
@@ -176,6 +190,12 @@ def test_config_errors_exit_2_and_write_nothing(run_dir: Path, tmp_path: Path, c
         (["--set", "train.schedule.decay_shape=exp"], "train.schedule.decay_shape"),
         (["--set", "train.eval.sets.x=/nowhere.jsonl"], "train.eval.sets.x"),
         (["--set", "train.model.config.n_layers=6"], "'n_layers' is not a key of the gpt2 config (did you mean 'n_layer'?)"),
+        (["--set", "train.averaging.every=5"], "train.averaging.every: give every (the checkpoint spacing) or window"),
+        (["--set", "train.averaging.window=100"], "train.averaging.window: 100 steps is longer than the run (40 steps"),
+        (["--set", "train.averaging.window=0.05"], "train.averaging.window: 0.05 of a 40-step run is 2 step(s)"),
+        (["--set", "train.averaging.window=12.5"], "train.averaging.window: above 1 the window is a step count"),
+        (["--set", "train.averaging.window=0"], "train.averaging.window: Input should be greater than 0"),
+        (["--set", "train.schedule.decay_fraction=0"], "train.schedule.decay_fraction: wsd with decay_fraction 0"),
     ]
     for extra, message in cases:
         assert main(["train", str(config), "--data", str(run_dir), "--out", str(out), *extra]) == 2
@@ -273,3 +293,52 @@ def test_tokenizer_comes_from_the_runs_reference_lm(run_dir: Path, tmp_path: Pat
     tokenizer, source = resolve_tokenizer(plan, log=lambda m: None)
     assert source == "reference LM stages/ref"
     assert tokenizer.get_vocab() == reference.get_vocab()
+
+
+@pytest.mark.parametrize("preset", ["cma", "cdma"])
+@pytest.mark.parametrize("scale", [1, 10, 37])
+def test_averaging_window_is_the_end_of_the_run_whatever_its_length(preset: str, scale: int):
+    from pipeline.engine.config import load_config
+    from pipeline.train.checkpoints import on_grid
+    from pipeline.train.config import TrainConfig
+
+    config = load_config(ROOT / "configs" / f"{preset}.yaml")
+    train = TrainConfig.model_validate({**config.train, "max_tokens": config.train["max_tokens"] * scale})
+    a, total, every = train.averaging, train.total_steps, train.checkpoint_every
+    assert (a.window, a.every, a.last_k) == (0.1, None, 6)
+    window = a.window_steps(total)
+    assert window == round(0.1 * total)
+    grid = [s for s in range(1, total + 1) if on_grid(s, total, every)]
+    averaged = grid[-a.last_k:]
+    assert averaged[-1] == total  # the last step is on the grid
+    assert all(b - a_ == every for a_, b in zip(averaged, averaged[1:]))  # evenly spaced
+    # Each checkpoint stands for the `every` steps up to it: together the last last_k * every steps,
+    # at most the window and less than one spacing per checkpoint short of it.
+    covered = total - averaged[0] + every
+    assert window - a.last_k < covered <= window
+    assert averaged[0] > total - window  # nothing from before the last 10% (half the run, with every: 20)
+
+
+def test_default_window_widens_on_short_runs():
+    from pipeline.train.config import TrainConfig
+
+    train = TrainConfig.model_validate({"seq_len": 32, "batch_size": 8, "max_tokens": 40 * 8 * 32})  # 40 steps
+    assert train.checkpoint_every == 1  # 10% of 40 steps is 4, fewer than last_k = 6: one step apart
+
+
+def test_checkpoint_grid_ends_on_the_last_step_and_pruning_keeps_it(tmp_path: Path):
+    from pipeline.train.checkpoints import checkpoint_dir, complete_checkpoints, prune_checkpoints
+
+    def write(step: int) -> None:
+        folder = checkpoint_dir(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+
+    for step in range(1, 39):  # a run of 40 steps with checkpoints every step, killed after step 38
+        write(step)
+        prune_checkpoints(tmp_path, every=3, keep=3, total=40)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [31, 34, 37, 38]  # the grid 40, 37, 34 … + the newest
+    for step in (39, 40):
+        write(step)
+        prune_checkpoints(tmp_path, every=3, keep=3, total=40)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [34, 37, 40]

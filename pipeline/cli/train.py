@@ -26,7 +26,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     average.add_argument("checkpoints", nargs="+", metavar="CKPT",
                          help="checkpoint folders or .safetensors files, oldest first")
     average.add_argument("--method", choices=["sma", "ema", "wma", "uniform", "greedy"], default="ema")
-    average.add_argument("--alpha", type=float, default=0.2, help="ema: weight alpha^i for the i-th newest (default 0.2)")
+    average.add_argument("--alpha", type=float, default=0.2,
+                         help="ema: avg <- alpha*ckpt + (1-alpha)*avg from the oldest to the newest, "
+                         "so the newest gets alpha (default 0.2)")
     average.add_argument("--out", required=True, help="output folder (Hugging Face layout + averaging.json)")
     average.add_argument("--dtype", choices=["float32", "same"], default="float32",
                          help="store float32 (default) or the newest checkpoint's dtypes")

@@ -45,3 +45,13 @@ def find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException |
             found = current
         queue.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
     return found
+
+
+class FieldError(ValueError):
+    """A config value that is wrong only together with others, raised by a validator that checks
+    several fields; ``key`` is the dotted path of the field at fault, relative to the model that
+    raised it, so the error line names that key and not the whole section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key

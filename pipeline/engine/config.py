@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, FieldError
 from pipeline.core.hashing import sha256_json
 from pipeline.core.settings import RayConfig, RunConfig, StrictModel
 from pipeline.io.input_config import InputConfig
@@ -170,6 +170,9 @@ def format_validation_error(exc: ValidationError, prefix: str, model: type[BaseM
     lines = []
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
+        at_fault = (err.get("ctx") or {}).get("error")
+        if isinstance(at_fault, FieldError):  # a check across fields names the one at fault
+            loc += at_fault.key.split(".")
         key = ".".join([prefix, *loc] if prefix else loc) or prefix or "config"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -38,7 +38,11 @@ def averaging_weights(method: str, k: int, alpha: float = 0.2) -> list[float]:
     elif method == "ema":
         if not 0 < alpha <= 1:
             raise ValueError(f"ema alpha must be in (0, 1] (got {alpha})")
-        raw = [alpha ** (k - 1 - j) for j in range(k)]  # j-th oldest is the (k-1-j)-th newest
+        # avg <- alpha * theta_j + (1 - alpha) * avg for j = 1 … k-1, starting from avg = theta_0 (the
+        # oldest): the newest gets alpha, the j-th before it alpha (1 - alpha)^j, the oldest the rest.
+        raw = [1.0]
+        for _ in range(1, k):
+            raw = [w * (1 - alpha) for w in raw] + [alpha]
     elif method == "wma":
         raw = [float(j + 1) for j in range(k)]
     else:

@@ -77,12 +77,21 @@ def save_checkpoint(out_dir: Path, step: int, model: Any, tokenizer: Any, optimi
     return final
 
 
-def prune_checkpoints(out_dir: Path, every: int, keep: int) -> None:
-    """Keep the last ``keep`` checkpoints on the ``every`` grid plus the newest; drop stale temporaries."""
+def on_grid(step: int, total: int, every: int) -> bool:
+    """Whether ``step`` is on the checkpoint grid of a ``total``-step run: ``total - j * every``.
+
+    The grid ends on the last step, so the last ``k`` checkpoints on it are ``every`` apart and
+    reach back ``(k - 1) * every`` steps from the end, whether or not ``every`` divides ``total``.
+    """
+    return (total - step) % every == 0
+
+
+def prune_checkpoints(out_dir: Path, every: int, keep: int, total: int) -> None:
+    """Keep the last ``keep`` checkpoints on the grid (:func:`on_grid`) plus the newest."""
     found = complete_checkpoints(out_dir)
     if not found:
         return
-    grid = [s for s, _ in found if s % every == 0][-keep:]
+    grid = [s for s, _ in found if on_grid(s, total, every)][-keep:]
     keep_steps = set(grid) | {found[-1][0]}
     for step, folder in found:
         if step not in keep_steps:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from pipeline.core.errors import FieldError
 from pipeline.core.settings import StrictModel
 from pipeline.models.lm import check_model_config
 
@@ -48,19 +49,72 @@ class OptimizerConfig(StrictModel):
 class ScheduleConfig(StrictModel):
     kind: Literal["constant", "cosine", "wsd", "linear"] = "wsd"
     warmup: float = Field(0.01, ge=0, description="Warmup: a fraction of the steps (< 1) or a step count.")
-    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the share of the steps spent decaying.")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the share of the steps spent decaying (> 0).")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
     final_lr_ratio: float = Field(0.333, ge=0, le=1, description="The last step's LR as a share of the peak.")
 
+    @field_validator("decay_fraction")
+    @classmethod
+    def _wsd_decays(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0 and info.data.get("kind") == "wsd":
+            raise ValueError("wsd with decay_fraction 0 never decays: its last step would train at the peak LR, "
+                             "not at final_lr_ratio of it; use kind: constant for no decay, or a decay_fraction > 0")
+        return value
+
+
+DEFAULT_WINDOW = 0.1  # the last 10% of the steps: see docs/methods.md §8
+
 
 class AveragingConfig(StrictModel):
+    """Which checkpoints are written and averaged.
+
+    Checkpoints lie on a grid that ends on the last step: steps ``total - j * every``. The average
+    takes the last ``last_k`` of them. ``every`` is given, or derived from ``window`` (the stretch
+    at the end of the run the checkpoints come from) as ``window_steps // last_k``, so that the
+    averaged checkpoints all lie in the last ``window_steps`` steps whatever the run's length.
+    """
+
     method: Literal["none", "sma", "ema", "wma"] = "ema"
     last_k: int = Field(6, ge=1, description="Average the last k checkpoints (the final step is always one).")
-    alpha: float = Field(0.2, gt=0, le=1, description="ema: weight alpha^i for the i-th newest checkpoint.")
-    every: int = Field(100, ge=1, description="Checkpoint spacing in optimizer steps.")
+    alpha: float = Field(0.2, gt=0, le=1, description="ema: avg <- alpha * checkpoint + (1 - alpha) * avg, from the "
+                         "oldest of the k checkpoints to the newest; the newest gets weight alpha.")
+    window: float | None = Field(
+        None, gt=0, description=f"The end of the run the last_k checkpoints come from: a fraction of the steps (<= 1) "
+        f"or a step count (> 1, whole). Sets every = window_steps // last_k. Default {DEFAULT_WINDOW} when every is unset."
+    )
+    every: int | None = Field(None, ge=1, description="Checkpoint spacing in optimizer steps, instead of window.")
     dtype: Literal["float32", "same"] = Field(
         "float32", description="Averaged weights in float32 (default; see docs/methods.md §8) or the model's dtype."
     )
+
+    @field_validator("window")
+    @classmethod
+    def _whole_step_count(cls, value: float | None) -> float | None:
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"above 1 the window is a step count and must be whole (got {value}); "
+                             "a fraction of the run is at most 1")
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every_or_window(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("window") is not None:
+            raise ValueError("give every (the checkpoint spacing) or window (the end of the run to average, "
+                             "which sets every = window_steps // last_k), not both")
+        return value
+
+    def window_steps(self, total: int) -> int:
+        """How many final steps of a ``total``-step run the averaged checkpoints come from."""
+        if self.every is not None:
+            return min(total, self.every * self.last_k)
+        window = DEFAULT_WINDOW if self.window is None else self.window
+        return max(1, min(total, round(window * total))) if window <= 1 else int(window)
+
+    def spacing(self, total: int) -> int:
+        """Checkpoint spacing in steps: ``every``, or ``window_steps // last_k`` (at least 1)."""
+        if self.every is not None:
+            return self.every
+        return max(1, self.window_steps(total) // self.last_k)
 
 
 class SyntheticEval(StrictModel):
@@ -139,6 +193,26 @@ class TrainConfig(StrictModel):
                 "(batch_size is the global batch per optimizer step)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _window_fits_the_run(self) -> "TrainConfig":
+        averaging, total = self.averaging, self.total_steps
+        if averaging.window is None:
+            return self  # the default window widens to last_k steps on a short run
+        steps = averaging.window_steps(total)
+        if steps > total:
+            raise FieldError("averaging.window", f"{steps} steps is longer than the run ({total} steps = max_tokens "
+                             "// (batch_size * seq_len)); give fewer steps or a fraction (<= 1)")
+        if steps < averaging.last_k:
+            raise FieldError("averaging.window", f"{averaging.window:g} of a {total}-step run is {steps} step(s): too few "
+                             f"for last_k={averaging.last_k} checkpoints one step apart or more; widen the window "
+                             "or lower last_k")
+        return self
+
+    @property
+    def checkpoint_every(self) -> int:
+        """The checkpoint spacing in steps (``averaging.every`` or derived from ``averaging.window``)."""
+        return self.averaging.spacing(self.total_steps)
 
     @property
     def micro_batch(self) -> int:

@@ -61,7 +61,9 @@ def make_schedule(
     w = warmup_steps(warmup, total)
     final = peak if kind == "constant" else peak * final_lr_ratio
     if kind == "wsd":
-        decay_steps = round(decay_fraction * total)
+        if not 0 < decay_fraction <= 1:
+            raise ValueError(f"wsd needs a decay_fraction in (0, 1] (got {decay_fraction}); with 0 it never decays")
+        decay_steps = max(1, round(decay_fraction * total))  # at least the last step decays, to the final LR
         decay_start = max(w, total - decay_steps)
     elif kind == "constant":
         decay_start = total

@@ -36,6 +36,7 @@ from pipeline.train.checkpoints import (
     complete_checkpoints,
     load_model_weights,
     load_optimizer,
+    on_grid,
     prune_checkpoints,
     save_checkpoint,
     truncate_jsonl,
@@ -48,7 +49,14 @@ from pipeline.train.schedules import schedule_from_config
 Log = Callable[[str], None]
 ATTEMPT_FILE = ".attempt.json"  # rank 0's throughput figures, for the driver (Ray workers)
 # Keys of the train config that do not change the trajectory: they may differ on resume.
-_FREE_KEYS = ("eval", "log_every", "loader_workers", "trace", "averaging", "deterministic", "threads")
+_FREE_KEYS = ("eval", "log_every", "loader_workers", "trace", "averaging")
+# Keys that keep the trajectory but change the floating-point results: a resume that changes one
+# would not be bitwise equal to an uninterrupted run, so it is refused with a reason of its own.
+_NUMERICS_KEYS = ("threads", "deterministic")
+_NUMERICS_WHY = {
+    "threads": "the number of torch threads changes how sums are split and so how they round",
+    "deterministic": "deterministic algorithms on or off changes which kernels run and so how sums round",
+}
 
 
 class JobConfig(Protocol):
@@ -124,7 +132,7 @@ def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
     """What fixes the trajectory: a changed value here makes old checkpoints unusable."""
     manifest = read_manifest(Path(plan.data_dir))
     shards = [s.get("sha256") for s in manifest.get("shards", [])]
-    train = plan.train.model_dump(mode="json", exclude=set(_FREE_KEYS))
+    train = plan.train.model_dump(mode="json", exclude={*_FREE_KEYS, *_NUMERICS_KEYS})
     vocab = sorted(tokenizer.get_vocab().items())
     return sha256_json({"train": train, "seed": plan.seed, "shards": shards, "vocab": sha256_json(vocab),
                         "eos": tokenizer.eos_token_id, "total_steps": plan.total_steps})
@@ -414,9 +422,10 @@ def checkpoint(worker: Worker, progress: Progress, cursor: dict[str, int], lr: f
         plan = worker.plan
         state = {"step": progress.step, "tokens": progress.tokens, "loader": cursor, "window": progress.window,
                  "schedule": schedule.describe(), "lr": lr, "world_size": world,
-                 "fingerprint": plan.fingerprint, "precision": plan.precision}
+                 "fingerprint": plan.fingerprint, "precision": plan.precision,
+                 "numerics": {k: getattr(cfg, k) for k in _NUMERICS_KEYS}}
         save_checkpoint(Path(plan.out_dir), progress.step, worker.model, worker.tokenizer, worker.optimizer, all_rng, state)
-        prune_checkpoints(Path(plan.out_dir), cfg.averaging.every, cfg.averaging.last_k)
+        prune_checkpoints(Path(plan.out_dir), cfg.checkpoint_every, cfg.averaging.last_k, plan.total_steps)
     if world > 1:
         torch.distributed.barrier()
 
@@ -433,6 +442,7 @@ def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stder
     trace = open(out_dir / "trace" / f"rank-{rank}.jsonl", "a", encoding="utf-8") if cfg.trace else None
     batches = iter(worker.loader)
     started, start_step, start_tokens = time.time(), progress.step, progress.tokens
+    every = cfg.checkpoint_every
     try:
         while progress.step < plan.total_steps:
             lr = schedule(progress.step)
@@ -451,7 +461,7 @@ def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stder
                 progress.window = [0.0, 0]
             if trace is not None:
                 trace.flush()
-            if progress.step % cfg.averaging.every == 0 or last:
+            if on_grid(progress.step, plan.total_steps, every):  # the grid ends on the last step
                 checkpoint(worker, progress, cursor, lr, schedule)
     finally:
         if metrics is not None:
@@ -521,6 +531,7 @@ def prepare_output(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
         if state.get("fingerprint") != plan.fingerprint:
             raise ConfigError(f"{out_dir}: holds checkpoints of another training (model, data, tokenizer, batch, "
                               "schedule, optimizer, seed or workers differ); use a new --out")
+        _check_numerics(out_dir, state.get("numerics") or {}, plan.train)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out_dir)
     saved = out_dir / "tokenizer"
@@ -534,6 +545,17 @@ def prepare_output(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
         {"train": plan.train.model_dump(mode="json"), "data": str(Path(plan.data_dir).resolve()), "seed": plan.seed,
          "total_steps": plan.total_steps, "tokenizer": source, "fingerprint": plan.fingerprint}, indent=2) + "\n")
     return tokenizer, source
+
+
+def _check_numerics(out_dir: Path, saved: dict[str, Any], train: TrainConfig) -> None:
+    """Refuse to resume with other ``threads`` or ``deterministic`` than the checkpoints were written with."""
+    for key in _NUMERICS_KEYS:
+        if key in saved and saved[key] != getattr(train, key):
+            was, now = json.dumps(saved[key]), json.dumps(getattr(train, key))
+            raise ConfigError(
+                f"{out_dir}: its checkpoints were written with train.{key}: {was}, and this config says {now}. "
+                f"Resuming would not give the weights an uninterrupted run gives, bit for bit: {_NUMERICS_WHY[key]}. "
+                f"Set train.{key} back to {was}, or use a new --out.")
 
 
 def _copy_hf(folder: Path, target: Path) -> None:
@@ -564,11 +586,13 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
     _copy_hf(found[-1][1], out_dir / "final")
     averaging = None
     if cfg.averaging.method != "none":
-        window = [(s, f) for s, f in found if s % cfg.averaging.every == 0 or s == plan.total_steps][-cfg.averaging.last_k:]
+        every = cfg.checkpoint_every
+        window = [(s, f) for s, f in found if on_grid(s, plan.total_steps, every)][-cfg.averaging.last_k:]
         averaging = average_checkpoints([f for _, f in window], out_dir / "averaged", cfg.averaging.method,
                                         cfg.averaging.alpha, cfg.averaging.dtype,
-                                        extra={"steps": [s for s, _ in window], "every": cfg.averaging.every,
-                                               "last_k": cfg.averaging.last_k})
+                                        extra={"steps": [s for s, _ in window], "every": every,
+                                               "last_k": cfg.averaging.last_k,
+                                               "window_steps": cfg.averaging.window_steps(plan.total_steps)})
         if len(window) < cfg.averaging.last_k:
             log(f"[train] averaged {len(window)} checkpoints (fewer than last_k={cfg.averaging.last_k}: the run is short)")
     elif (out_dir / "averaged").exists():
@@ -620,6 +644,12 @@ def run_training(config: JobConfig, data: str | Path | None = None, out: str | P
     tokenizer, source = prepare_output(plan, log)
     log(f"[train] {plan.total_steps} steps of {plan.train.batch_size} x {plan.train.seq_len} tokens on {plan.device} "
         f"({plan.precision}), {plan.train.workers} worker(s); tokenizer: {source}")
+    averaging = plan.train.averaging
+    if averaging.method != "none":
+        every = plan.train.checkpoint_every
+        first = plan.total_steps - (averaging.last_k - 1) * every
+        log(f"[train] a checkpoint every {every} steps, ending on step {plan.total_steps}; {averaging.method} of the "
+            f"last {averaging.last_k} (from step {max(first, plan.total_steps % every or every)})")
     if plan.train.workers > 1:
         stats = _train_with_ray(plan, config, ray_address, log)
     else:
