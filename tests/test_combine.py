@@ -128,7 +128,8 @@ def test_default_recipe_uses_the_signals_present(ray_address, tmp_path):
 
 def test_recipe_directions_match_the_documented_ones():
     assert RECIPE["ppl"][0] is False and RECIPE["quality_clf"][0] is True and RECIPE["alpha_ratio"][0] is True
-    assert all(not RECIPE[c][0] for c in ("symbol_ratio", "dup_line_ratio", "dup_5gram_ratio", "top_2gram_ratio"))
+    assert RECIPE["c4_line_punct_ratio"][0] is True and RECIPE["fineweb_line_punct_ratio"][0] is True
+    assert all(not RECIPE[c][0] for c in ("symbol_ratio", "dup_line_char_ratio", "dup_5gram_ratio", "top_2gram_ratio"))
     # Three families, ppl, the classifier and the heuristics (together), each with an equal say.
     weights: dict[str, float] = {}
     for _, w, group in RECIPE.values():
