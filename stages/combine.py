@@ -1,64 +1,13 @@
 """A composite quality score: each signal -> percentile rank with its direction -> weighted means.
 
-Three families of signals see different faults. Perplexity under a reference LM (Ankner et al.,
-ICLR 2025) catches word salad but ranks repetitive junk as the *most* fluent text: repeated
-boilerplate is easy to predict (on real text with injected boilerplate its AUC was 0.000: every
-boilerplate document beat every prose one). A DCLM-style classifier (Li et al., 2024) only
-knows "looks like the positives". The rule columns of the quality stage (Gopher, Rae et al.,
-2021; C4, Raffel et al., 2020; FineWeb, Penedo et al., 2024) catch symbol blocks, repetition,
-code and lists, but not word salad. Their percentile ranks, combined with weights, make a score a
-quality-ascending curriculum (Luo et al., ICLR 2026) can sort by. Writes ``into`` (default
-``quality``): higher is better.
-
-**Ranks.** A term's percentile is its mid-rank in the column: (#values below + ½ #equal) / n,
-flipped to 1 − that when lower is better, so ties share one value and a lone value gets 0.5; it
-is kept inside [0.5/n, 1 − 0.5/n] (the exact mid-ranks' own range). When the column has at most
-``sample_size`` rows the ranks are exact; above that they come from the sorted values of a
-seeded, hashed sample of ``sample_size`` rows (the same formula against the sample, error
-~ 1/sqrt(sample_size)). A row's score depends only on its values and the data set, never on
-Ray's block layout.
-
-**Means.** Terms are grouped (``group``, default: each term alone). Inside a group, the
-percentiles are averaged with the terms' weights (arithmetic): a group holds parallel measures of
-one property. Across groups, ``mean: geometric`` (the default) takes the weighted geometric
-mean of the group scores, a group's weight being the sum of its terms' weights: like Fisher's
-method of combining evidence (Σ w·ln p), a document must be acceptable to *every* family, so one
-family's alarm is not averaged away by another family that was fooled. Measured on real text
-with generated and real junk (benchmarks/README.md), the arithmetic mean let perplexity pull
-repeated boilerplate up to AUC 0.69 and the composite to 0.88; the geometric mean gave 0.97 and
-0.92. ``mean: arithmetic`` is the plain weighted mean of the percentile ranks.
-
-**Nulls** (and NaN): ``worst`` gives a missing term the worst percentile, 0 (with the geometric
-mean, a row scores 0 when a group's only term is missing; in a group of several terms the
-group's mean drops); ``skip-term`` leaves the term out of that row (a group with
-no term left is left out too), and a row with every term missing gets a null score (the order
-stage puts nulls last). Null counts per term go to the manifest.
-
-**The recommended recipe**, used when ``terms`` is not given, over whichever of these columns
-exist upstream (``RECIPE``), in three groups of equal weight (1 each): ``perplexity``: ``ppl``
-(lower is better); ``classifier``: ``quality_clf`` (higher); ``heuristics``, the quality stage's
-rule columns that are monotone in quality, in four parts:
-
-- *lines* (0.4): ``c4_line_punct_ratio`` and ``fineweb_line_punct_ratio`` (higher is better) and
-  ``short_line_ratio`` (lower), 0.4/3 each: prose lines end in punctuation and are not short;
-- *characters* (0.2): ``alpha_ratio`` (higher) and ``symbol_ratio`` (lower), 0.1 each;
-- *repetition* (0.2): ``dup_line_char_ratio``, ``dup_para_char_ratio``, ``top_2gram_ratio``,
-  ``top_3gram_ratio``, ``top_4gram_ratio``, ``dup_5gram_ratio``, ``dup_10gram_ratio`` (all lower),
-  0.2/7 each;
-- *markers* (0.2): ``curly_brackets``, ``hash_word_ratio``, ``bullet_line_ratio``,
-  ``newline_word_ratio`` (all lower), 0.05 each: code, lists and tables.
-
-Each family gets an equal say because each is blind where another sees. The heuristics' split
-was chosen by ``benchmarks/bench_quality.py`` among a fixed list of candidates on one fold of
-real text and one seed of generated junk, and is reported there on another fold and seed.
-Counts and lengths (``n_words``, ``mean_word_len``, ``n_stop_words``, ``c4_sentences``) are left
-out: they are not monotone in quality (too short and too long are both bad); use the quality
-stage's ``filter`` for them. So are the rules that almost never fire on a document (lorem ipsum,
-javascript and policy lines, ellipses): as ranks they would only add ties.
-
-``curriculum inspect`` (pipeline/report.py) shows each signal's distribution and their rank
-correlations, oriented by the same directions, and warns when ``quality_clf`` disagrees with
-the others (a classifier whose positives came from another domain).
+Perplexity (Ankner et al., ICLR 2025) ranks repetitive junk as fluent, a DCLM-style classifier
+(Li et al., 2024) knows only "looks like the positives", and the rule columns of the quality
+stage miss word salad: each family is blind where another sees. Each term becomes a mid-rank
+percentile (exact up to ``sample_size`` rows, else against a seeded hashed sample); terms are
+averaged inside their group, and groups are combined by a weighted geometric mean (``mean``), so a
+document must be acceptable to every family. Writes ``into`` (default ``quality``, higher is
+better) for the quality-ascending curricula of Luo et al. (ICLR 2026). ``RECIPE`` is the default
+set of terms; the method, the recipe and how it was chosen: docs/methods.md §5.
 """
 
 from __future__ import annotations

@@ -1,41 +1,12 @@
 """Heuristic quality signals per document: the published rule sets of Gopher, C4 and FineWeb.
 
-Adds one column per signal (``SIGNALS``) and, optionally, drops documents outside thresholds:
-
-- **Gopher quality filter** (Rae et al., 2021, "Scaling Language Models: Methods, Analysis &
-  Insights from Training Gopher", App. A): word count, mean word length, '#' and ellipsis per
-  word, lines starting with a bullet, lines ending in an ellipsis, words with a letter, and the
-  count of English stop words.
-- **Gopher repetition filter** (same paper, Table A1): duplicate lines and paragraphs, by count
-  and by characters; the characters in the most frequent 2-, 3-, 4-gram; the characters inside
-  repeated 5- to 10-grams.
-- **C4 rules** (Raffel et al., 2020, "Exploring the Limits of Transfer Learning with a Unified
-  Text-to-Text Transformer", §2.2): lines ending in terminal punctuation, the sentences left after
-  C4's line filters, and the markers "javascript", "lorem ipsum", curly brackets and
-  cookie/privacy-policy phrases.
-- **FineWeb quality filter** (Penedo et al., 2024, "The FineWeb Datasets"): lines ending in
-  punctuation, short lines, characters in duplicated lines.
-
-Perplexity misses exactly what these catch (symbol blocks, repeated lines, menus), which is why
-the composite score (the ``combine`` stage) uses both.
-
-**One pass of tokenization.** A document is split once into lines (``str.splitlines``, each
-stripped; blank lines are left out of every line rule), paragraphs (runs of non-blank lines) and
-whitespace tokens. A token is a *word* when it holds a letter or a digit (so "#", "|" or "---"
-are not words, as Gopher counts words without symbols); its length is taken without the
-punctuation around it. Per-token properties are computed once per distinct token. n-grams are
-over the lower-cased tokens and get integer ids incrementally (an n-gram's id from its
-(n−1)-gram's id and its last token), and an n-gram can only repeat where its (n−1)-gram does, so
-the ten n-gram rules cost a few linear passes, not quadratic work.
-
-**Filter.** ``filter:`` takes a preset (``gopher``, ``gopher_quality``, ``gopher_repetition``,
-``c4``, ``fineweb``), a mapping of thresholds, or a list of them (``[gopher, c4]``). A threshold
-is ``<bound>_<column>`` (``words`` and ``stop_words`` stand for ``n_words`` and
-``n_stop_words``): ``min_`` drops values below it, ``max_`` values above it, and ``above_`` /
-``below_`` drop values at the threshold too (FineWeb's rules remove a document *at* its
-threshold; Gopher's and C4's only beyond it). A dropped row's reason names the rule set and the
-rule: ``quality.gopher.max_dup_line_ratio``, or ``quality.min_words`` for an explicit mapping;
-the first failing rule, in the order listed, is the reason.
+Gopher's quality and repetition filters (Rae et al., 2021, App. A), C4's rules (Raffel et al.,
+2020, §2.2) and FineWeb's quality filter (Penedo et al., 2024) become one column per signal
+(``SIGNALS``), computed from one tokenization of each document in linear time. ``filter:``
+takes a preset (``gopher``, ``gopher_quality``, ``gopher_repetition``, ``c4``, ``fineweb``), a
+mapping of thresholds or a list of them; a dropped row's reason names the rule set and the rule
+(``quality.gopher.max_dup_line_ratio``). The text is never rewritten. Definitions, thresholds
+and deviations from DataTrove: docs/methods.md §3.
 """
 
 from __future__ import annotations
