@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import ray.data
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.models.pool import Placement, Resources
+from pipeline.models.pool import Placement, Resources, cluster_size, place
 
 
 class StageParams(BaseModel):
@@ -43,7 +43,8 @@ class StageContext:
     stage) becomes the manifest's ``order`` section; ``artifacts`` (name -> path relative to
     the run folder, e.g. ``reference_lm``) is merged into the manifest's ``artifacts`` section,
     where later consumers such as the trainer find them. ``placement`` is where the stage's
-    actor pool runs, resolved by the runner from ``Stage.resources()`` and the cluster.
+    actor pool runs, resolved by the runner from ``Stage.resources()`` and the cluster; a context
+    built by hand (a notebook, a test) leaves it None and ``Stage.placement`` resolves it the same way.
 
     ``added`` and ``dropped`` (reason -> rows) declare row-count changes that the ``_drop_reason``
     column does not carry (e.g. the repeats of a paced curriculum). The runner checks that
@@ -58,7 +59,7 @@ class StageContext:
     info: dict[str, Any] = field(default_factory=dict)
     order: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
-    placement: Placement = field(default_factory=lambda: Placement("cpu", 1, 0.0, 1))
+    placement: Placement | None = None
     added: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -80,6 +81,11 @@ class Stage:
     def resources(self) -> Resources:
         """What one worker needs; a model stage returns its device, threads, GPUs and actor count."""
         return Resources()
+
+    def placement(self, ctx: StageContext) -> Placement:
+        """Where this stage's actors run: ``ctx.placement`` (set by the runner), else its declared
+        resources placed on the connected cluster, never a silent single actor."""
+        return ctx.placement or place(self.resources(), *cluster_size())
 
     def cache_inputs(self) -> object:
         """What else the stage's output depends on, beyond its params (e.g. the size and mtime of

@@ -127,7 +127,7 @@ class PerplexityStage(Stage):
             info.update(max_length=max_length, stride=stride)
         else:
             model = p.model
-        placement = ctx.placement
+        placement = self.placement(ctx)
         info.update(**placement.info(), split=p.split if p.model == "reference" and p.reference_data is None else None)
         half_seed = ctx.seed if (p.model == "reference" and p.reference_data is None and p.split == "held_out") else None
         timings["reference_lm"] = time.time() - t0 - timings["input"]

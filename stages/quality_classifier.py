@@ -151,11 +151,12 @@ class QualityClassifierStage(Stage):
         # Fail fast in the driver, naming the model, before any actor starts.
         config = load_lm_config(p.model, trust_remote_code=p.trust_remote_code)
         index = resolve_label(config, p.label)
+        placement = self.placement(ctx)
         ctx.info.update(method="hub sequence classifier", model=p.model, num_labels=int(config.num_labels),
                         label_index=index, score="raw regression output" if index is None else "softmax probability",
-                        **ctx.placement.info())
+                        **placement.info())
         return map_with_actor_pool(
-            ds, SequenceClassifierScorer, ctx.placement, p.batch_size,
+            ds, SequenceClassifierScorer, placement, p.batch_size,
             {"model": p.model, "label": p.label, "max_length": p.max_length, "max_tokens": p.max_tokens,
              "trust_remote_code": p.trust_remote_code, "column": COLUMN},
         )

@@ -167,6 +167,18 @@ def test_actor_placement_on_a_gpu_cluster(params: dict, expected: tuple) -> None
     assert place(stage.resources(), cpus=64, gpus=4) == Placement(*expected)
 
 
+def test_a_hand_built_context_places_actors_on_the_cluster_not_one(ray_address: str, tmp_path: Path) -> None:
+    """A notebook or benchmark that calls apply() with its own StageContext gets the same actor pool as
+    the runner (one per CPU of the session's 2-CPU cluster), and the params still steer it."""
+    ctx = StageContext(run_dir=tmp_path, artifact_dir=tmp_path, seed=0, input_columns=["id", "text"])
+    assert ctx.placement is None
+    assert PerplexityStage(PerplexityParams(model="m")).placement(ctx) == Placement("cpu", 2, 0.0, 1)
+    assert PerplexityStage(PerplexityParams(model="m", threads=2)).placement(ctx) == Placement("cpu", 1, 0.0, 2)
+    runner_set = StageContext(run_dir=tmp_path, artifact_dir=tmp_path, seed=0, input_columns=["id", "text"],
+                              placement=Placement("cpu", 3, 0.0, 1))
+    assert PerplexityStage(PerplexityParams(model="m")).placement(runner_set).concurrency == 3
+
+
 def test_output_rows_keep_the_input_order(scorer: PerplexityScorer) -> None:
     docs = _docs(9)
     texts = [d["text"][: 40 * (i + 1)] for i, d in enumerate(docs)][::-1]  # long first: sorting must be undone

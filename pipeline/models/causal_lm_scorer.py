@@ -40,6 +40,7 @@ class PerplexityScorer:
                  chunked_head: bool | None = None) -> None:
         import torch
 
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the fast tokenizer's pool, too
@@ -172,6 +173,10 @@ class PerplexityScorer:
         return self.score_ids(self.tokenize([t or "" for t in texts]))
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.threads:
+            # Ray Data calls an actor from a worker thread, and OpenMP's thread count is per calling
+            # thread (Ray starts workers with OMP_NUM_THREADS=1): set it where the work runs.
+            self.torch.set_num_threads(self.threads)
         texts = table["text"].to_pylist()
         n = len(texts)
         nll = np.full(n, np.nan)

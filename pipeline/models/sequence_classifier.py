@@ -47,6 +47,7 @@ class SequenceClassifierScorer:
                  trust_remote_code: bool, threads: int | None = None, column: str = "score") -> None:
         import torch
 
+        self.threads = threads
         if threads:  # the actor's CPU share; more threads would oversubscribe the node
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -101,6 +102,10 @@ class SequenceClassifierScorer:
         return np.round(scores, 6)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.threads:  # per calling thread (see PerplexityScorer.__call__)
+            import torch
+
+            torch.set_num_threads(self.threads)
         scores = self.score(table["text"].to_pylist()) if table.num_rows else np.zeros(0)
         if self.column in table.column_names:
             table = table.drop_columns([self.column])
