@@ -15,6 +15,9 @@ One command, one run, one machine (``python benchmarks/bench_perplexity.py [--qu
    (c) the naive peer: one document (window) per forward, as Data-Juicer's LLM perplexity filter.
 3. Ablations of the CPU wins on one corpus (``inference_mode``, ``use_cache``, chunked head,
    padding to multiples of 8, token budget, actors x threads).
+   At scale: (a) and (b') again on a synthetic corpus four times larger, which separates the
+   stage's fixed cost per run (worker start-up, imports, the counting pass) from its marginal
+   throughput.
 4. Quality: Spearman(-ppl, true_quality) on the synthetic corpus (>= 4000 docs), and the
    lowest / highest perplexity deciles of the real mix with examples.
 
@@ -240,6 +243,8 @@ def _corpus(name: str, rows: list[dict[str, Any]], tmp: Path, args: argparse.Nam
     }
     print(f"[{name}] ratios: {entry['ratios']}", flush=True)
 
+    if name == "synthetic" and args.scale_docs:
+        entry["scale"] = _scale(model, tmp, args, stage, scorer)
     if name == args.ablate:
         entry["ablations"] = _ablations(scorer, windows, rows, model, tmp / f"{name}-abl", args)
     if name == "synthetic":
@@ -254,6 +259,29 @@ def _corpus(name: str, rows: list[dict[str, Any]], tmp: Path, args: argparse.Nam
     else:
         entry["deciles"] = _deciles(rows, scores)
     out["corpora"][name] = entry
+
+
+def _scale(model: Path, tmp: Path, args: argparse.Namespace, small: dict[str, Any], scorer) -> dict[str, Any]:
+    """(a) and (b') again on a synthetic corpus ``--scale-docs`` long, and the stage's fixed cost.
+
+    The stage pays a cost per run that the in-process loop does not: Ray worker processes start
+    and import torch and transformers, the input is split into blocks, the result is counted in
+    a second pass. Two corpus sizes separate it from the marginal throughput: the line through
+    (tokens, seconds) of the small and the large run has slope 1 / marginal tok/s and intercept
+    the fixed cost in seconds.
+    """
+    rows = _load_synthetic(args.scale_docs)
+    print(f"[scale] (a) and (b') on {len(rows)} synthetic docs ...", flush=True)
+    large = _stage(rows, model, tmp / "scale", args.max_length, token_budget=args.token_budget)
+    large.pop("scores")
+    texts = [r["text"] for r in rows]
+    kernel = _raw(scorer, None, args.token_budget, kernel="chunked", pad_multiple=8, texts=texts)
+    marginal = (large["tokens"] - small["tokens"]) / max(1e-9, large["seconds"] - small["seconds"])
+    fixed = small["seconds"] - small["tokens"] / marginal
+    return {"docs": len(rows), "a_stage": large, "b_raw_stage_kernel": kernel,
+            "a_over_b_stage_kernel": round(large["tokens_per_s"] / kernel["tokens_per_s"], 3),
+            "stage_marginal_tokens_per_s": round(marginal, 1), "stage_fixed_cost_s": round(fixed, 2),
+            "marginal_over_b_stage_kernel": round(marginal / kernel["tokens_per_s"], 3)}
 
 
 def _ablations(scorer, windows, rows, model: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -295,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--token-budget", type=int, default=4096, help="the stage's CPU default")
+    parser.add_argument("--scale-docs", type=int, default=16000,
+                        help="synthetic docs for the at-scale ratio and the stage's fixed cost (0: skip)")
     parser.add_argument("--ablate", default="real_mix", help="corpus to run the ablations on ('' for none)")
     args = parser.parse_args(argv)
     args.steps = 100 if args.quick else None
+    args.scale_docs = min(args.scale_docs, 8000) if args.quick else args.scale_docs
     args.naive_docs = 1500 if args.quick else None
     args.ablation_windows = 1500 if args.quick else 4000
     args.ablation_docs = 1500 if args.quick else 4000
