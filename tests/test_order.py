@@ -107,6 +107,18 @@ def test_random_keeps_its_hash_order_and_sort_its_key_order(ray_address, corpus)
     assert order["key"] == "tied" and order["direction"] == "descending"
 
 
+def test_sort_orders_a_decimal_key_by_value_not_as_text(ray_address):
+    from decimal import Decimal
+
+    values = ["10", "9.5", "2", "100.25", None, "-3"]
+    table = pa.table({"id": [f"d{i}" for i in range(len(values))], "text": ["t"] * len(values),
+                      "price": pa.array([None if v is None else Decimal(v) for v in values], pa.decimal128(6, 2))})
+    frame, _ = apply(table, blocks=2, method="sort", key="price")
+    assert [None if v is None else float(v) for v in frame["price"].to_list()] == [None, -3.0, 2.0, 9.5, 10.0, 100.25]
+    frame, _ = apply(table, blocks=2, method="quality_ascending", key="price")
+    assert [None if v is None else float(v) for v in frame["price"].to_list()] == [None, -3.0, 2.0, 9.5, 10.0, 100.25]
+
+
 def test_quality_methods_read_the_key_through_higher_is_better(ray_address, corpus):
     worst_first, order = apply(corpus, method="quality_ascending", key="true_quality")
     q = worst_first["true_quality"].to_list()

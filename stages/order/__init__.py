@@ -151,6 +151,8 @@ def _sortable(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray
     nulls = pc.is_null(column, nan_is_null=True)
     if pa.types.is_boolean(column.type):
         column = pc.cast(column, pa.int8())  # false < true, and a fill value that arrow accepts
+    if pa.types.is_decimal(column.type):
+        column = pc.cast(column, pa.float64())  # by value: as text "10" sorts before "9.5"
     if pa.types.is_floating(column.type):
         filled = pc.if_else(nulls, pa.scalar(0.0, column.type), column)
     elif pa.types.is_integer(column.type):
