@@ -313,6 +313,9 @@ def _ablations(scorer, windows, rows, model: Path, tmp: Path, args: argparse.Nam
         stage = _stage(sub_rows, model, tmp, args.max_length, token_budget=args.token_budget,
                        concurrency=concurrency, threads=threads)
         result[f"stage_{concurrency}_actors_x_{threads}_threads"] = stage["tokens_per_s"]
+    for per_call in (512, 256):  # before / after: the default rows per actor call on CPU
+        stage = _stage(sub_rows, model, tmp, args.max_length, token_budget=args.token_budget, docs_per_call=per_call)
+        result[f"stage_docs_per_call_{per_call}"] = stage["tokens_per_s"]
     print(f"[ablations] {result}", flush=True)
     return result
 
