@@ -46,6 +46,9 @@ class StageContext:
     actor pool runs, resolved by the runner from ``Stage.resources()`` and the cluster; a context
     built by hand (a notebook, a test) leaves it None and ``Stage.placement`` resolves it the same way.
 
+    ``upstream_artifacts`` holds the artifacts of the stages before this one (name -> path relative
+    to the run folder, e.g. ``reference_lm``), for a step that reuses one of them.
+
     ``added`` and ``dropped`` (reason -> rows) declare row-count changes that the ``_drop_reason``
     column does not carry (e.g. the repeats of a paced curriculum). The runner checks that
     rows out = rows in - dropped + added, reason by reason summed, and fails the run otherwise:
@@ -62,6 +65,7 @@ class StageContext:
     placement: Placement | None = None
     added: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    upstream_artifacts: dict[str, str] = field(default_factory=dict)
 
 
 class Stage:

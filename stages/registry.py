@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stages.base import Stage
 from stages.combine import CombineStage
+from stages.kmq import KMQStage
 from stages.order import OrderStage
 from stages.perplexity import PerplexityStage
 from stages.quality import QualityStage
@@ -12,7 +13,8 @@ from stages.select_perplexity import SelectPerplexityStage
 
 _STAGES: dict[str, type[Stage]] = {
     cls.name: cls
-    for cls in (QualityStage, PerplexityStage, SelectPerplexityStage, QualityClassifierStage, CombineStage, OrderStage)
+    for cls in (QualityStage, PerplexityStage, SelectPerplexityStage, QualityClassifierStage, CombineStage, KMQStage,
+                OrderStage)
 }
 
 

@@ -16,6 +16,7 @@ from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
 from pipeline.engine.runner import run_pipeline
+from pipeline.engine.select import rounds_table
 from pipeline.io.synth import write_synthetic
 
 
@@ -27,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config")
     run.add_argument("--out", help="run folder (default: runs/<run.name>)")
     add_config_options(run, "--set run.seed=3 or --set stages.order.key=ppl", "Ray cluster address")
+
+    select = sub.add_parser("select", help="iterative kMQ: the stages, then the select: section's rounds "
+                            "(select, train a proxy, re-weight the clusters), then the order stage")
+    select.add_argument("config", help="YAML config with a select: section")
+    select.add_argument("--out", help="run folder (default: runs/<run.name>); rerun to resume")
+    add_config_options(select, "--set select.rounds=3 or --set select.budget=0.2", "Ray cluster address")
 
     synth = sub.add_parser("synth", help="write a synthetic corpus with known ground truth")
     synth.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
@@ -52,6 +59,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.sets)
+    if config.select is None:
+        raise ConfigError(f"{args.config}: select: the config has no select: section (rounds, budget, scorer, proxy)")
+    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    manifest = run_pipeline(config, out, address=args.ray_address, select=True)
+    counts, select = manifest["counts"], manifest["select"]
+    print(f"run folder: {out.resolve()}")
+    print(f"  {counts['input_rows']} input rows; {select['selected']} selected of {select['rows']} in "
+          f"{select['rounds']} round(s) over {select['clusters']} cluster(s); {counts['output_rows']} rows in "
+          f"{len(manifest['shards'])} shard(s)")
+    for line in rounds_table(select):
+        print(f"  {line}")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     if args.docs < 1:
         raise ConfigError("--docs must be at least 1")
@@ -70,7 +93,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train, "average": cmd_average}
+COMMANDS = {"run": _cmd_run, "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
+            "average": cmd_average}
 
 
 def main(argv: list[str] | None = None) -> int:

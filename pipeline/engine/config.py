@@ -1,9 +1,9 @@
 """YAML config -> pydantic models -> one resolved config.
 
 The top-level shape is the documented contract (docs/run-folder.md): ``run``, ``ray``, ``input``, ``stages``,
-``output`` and ``train``. Every model forbids unknown keys, so a typo is an error, never
-ignored. Each stage entry is validated by that stage's own params model (see
-``stages.registry``). ``load_config`` raises :class:`ConfigError` with one line per problem,
+``output`` and ``train``, and ``select`` for ``curriculum select`` (``pipeline.engine.select``). Every
+model forbids unknown keys, so a typo is an error, never ignored. Each stage entry is validated by
+that stage's own params model (see ``stages.registry``). ``load_config`` raises :class:`ConfigError` with one line per problem,
 each naming the key at fault, before anything is written.
 
 Relative paths in the config are resolved against the current working directory, the way
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pipeline.core.errors import ConfigError, FieldError
 from pipeline.core.hashing import sha256_json
 from pipeline.core.settings import RayConfig, RunConfig, StrictModel
+from pipeline.engine.select import SelectConfig
 from pipeline.io.input_config import InputConfig
 from pipeline.train.config import TrainConfig
 from stages.registry import get_stage_class, stage_names
@@ -40,11 +41,14 @@ class Config(StrictModel):
     stages: list[Any] = Field(default_factory=list)
     output: OutputConfig = OutputConfig()
     train: dict[str, Any] | None = None
+    select: SelectConfig | None = None
 
     def resolved(self) -> dict[str, Any]:
         """The whole config with every default filled in, as plain JSON data."""
         data = self.model_dump(mode="json")
         data["stages"] = [s.model_dump(mode="json") for s in self.stages]
+        if data.get("select") is None:  # configs without the section keep their hash
+            data.pop("select", None)
         return data
 
     def config_hash(self) -> str:
@@ -66,7 +70,7 @@ def load_config(path: str | Path, sets: list[str] | None = None) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of run/ray/input/stages/output/train")
+        raise ConfigError(f"{path}: the top level must be a mapping of run/ray/input/stages/output/train/select")
     for item in sets or []:
         apply_override(raw, item)
     return validate_config(raw, source=str(path))

@@ -32,15 +32,19 @@ def build_manifest(
     shards: list[dict[str, Any]],
     order: dict[str, Any],
     seconds: float,
+    select: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The manifest; ``select`` (the info of ``curriculum select``'s step) becomes its ``select``
+    section, and that step's entry under ``stages`` points there instead of repeating it."""
     config_hash = config.config_hash()
-    stages = [
-        {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds", "cached", "key")}
-        | ({"dropped_by": r["dropped_by"]} if r.get("dropped_by") else {})
-        | ({"added_by": r["added_by"]} if r.get("added_by") else {})
-        | ({"info": r["info"]} if r.get("info") else {})
-        for r in stage_records
-    ]
+    stages = []
+    for r in stage_records:
+        info = {"see": "the manifest's select section"} if select is not None and r["name"] == "select" else r.get("info")
+        stages.append(
+            {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds", "cached", "key")}
+            | ({"dropped_by": r["dropped_by"]} if r.get("dropped_by") else {})
+            | ({"added_by": r["added_by"]} if r.get("added_by") else {})
+            | ({"info": info} if info else {}))
     counts = {
         "input_rows": read_record["input_rows"],
         "quarantined": read_record["quarantined"],
@@ -60,7 +64,7 @@ def build_manifest(
         "order": order,
         "artifacts": {k: v for r in stage_records for k, v in (r.get("artifacts") or {}).items()},
         "seconds": round(seconds, 3),
-    }
+    } | ({"select": select} if select is not None else {})
 
 
 def check_balance(counts: dict[str, int], stages: list[dict[str, Any]]) -> None:

@@ -114,8 +114,93 @@ def text_summary(manifest: dict[str, Any], stats: list[tuple[str, dict[str, floa
         for name, s in stats:
             lines.append(f"{name:<18}" + "".join(f"{s[k]:>11.4g}" for k in ("min", "p25", "median", "p75", "max"))
                          + f"{s['nulls']:>7}")
+    for selection in kmq_selections(manifest):
+        lines += ["", *kmq_text(selection)]
     lines += [f"WARNING: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- kMQ
+
+
+TEXT_CLUSTERS = 20  # clusters listed in the text summary (the largest); the HTML report lists all
+
+
+def kmq_selections(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every kMQ selection of the run: the kmq stages' info, then the select section; each with ``what``."""
+    found = [{"what": "kmq stage", **s["info"]} for s in manifest.get("stages", [])
+             if s.get("name") == "kmq" and isinstance(s.get("info"), dict)]
+    if isinstance(manifest.get("select"), dict):
+        found.append({"what": "iterative kMQ (curriculum select)", **manifest["select"]})
+    return found
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def kmq_text(selection: dict[str, Any]) -> list[str]:
+    key = selection.get("key")
+    lines = [f"{selection['what']}: {selection.get('selected')} of {selection.get('rows')} rows selected "
+             f"(budget {selection.get('budget')}) from {selection.get('clusters')} clusters of {selection.get('cluster')!r}, "
+             f"key {key!r} at temperature {selection.get('temperature')}",
+             f"  mean {key}: all rows {_fmt(selection.get('mean_key'))}, selected {_fmt(selection.get('mean_key_selected'))}"]
+    clusters = selection.get("per_cluster") or []
+    if clusters:
+        shown = sorted(clusters, key=lambda c: (-c["size"], c["cluster"]))[:TEXT_CLUSTERS]
+        lines.append(f"  {'cluster':<14}{'size':>8}{'budget':>8}{'selected':>10}{'mean key':>11}{'mean sel.':>11}")
+        for c in shown:
+            lines.append(f"  {str(c['cluster'])[:13]:<14}{c['size']:>8}{c['budget']:>8}{c['selected']:>10}"
+                         f"{_fmt(c['mean_key']):>11}{_fmt(c['mean_key_selected']):>11}")
+        if len(clusters) > len(shown):
+            lines.append(f"  … {len(clusters) - len(shown)} smaller clusters in the HTML report")
+    elif selection.get("per_cluster_omitted"):
+        lines.append(f"  per-cluster detail not stored: {selection['per_cluster_omitted']}")
+    rounds = selection.get("round_detail") or []
+    if rounds:
+        lines.append(f"  {'round':<7}{'new rows':>9}{'selected':>10}{'mean score':>12}  ids hash          weights (min … max)")
+        for r in rounds:
+            weights = r.get("weights") or []
+            spread = f"{min(weights):.3f} … {max(weights):.3f}" if weights else "-"
+            lines.append(f"  {r['round']:<7}{r['rows']:>9}{r['selected']:>10}{_fmt(r.get('mean_score')):>12}  "
+                         f"{r['ids']['hash']}  {spread}")
+        labels = selection.get("labels") or []
+        if labels and all(r.get("weights") for r in rounds):
+            order = sorted(range(len(labels)), key=lambda j: -rounds[-1]["weights"][j])[:TEXT_CLUSTERS]
+            lines.append("  weights per round (cluster weights, mean 1; the largest last-round weights first):")
+            lines.append("    " + "  ".join(f"{'r' + str(r['round']):>5}" for r in rounds) + "  cluster")
+            for j in order:
+                lines.append("    " + "  ".join(f"{r['weights'][j]:.3f}" for r in rounds) + f"  {labels[j]}")
+    return lines
+
+
+def kmq_html(selection: dict[str, Any]) -> str:
+    """An HTML table per selection: every cluster, and the weights and budgets of every round."""
+    esc = html.escape
+    parts = [f"<h2>{esc(selection['what'])}</h2>", "<pre>" + esc("\n".join(kmq_text(selection)[:2])) + "</pre>"]
+    clusters = selection.get("per_cluster") or []
+    rounds = selection.get("round_detail") or []
+    labels = selection.get("labels") or [c["cluster"] for c in clusters]
+    if clusters:
+        head = ["cluster", "size", "share of rows", "budget", "selected", "share of selection", "mean key",
+                "mean key selected"]
+        head += [f"weight r{r['round']}" for r in rounds if r.get("weights")]
+        head += [f"budget r{r['round']}" for r in rounds if r.get("budgets")]
+        rows_total = max(1, sum(c["size"] for c in clusters))
+        selected_total = max(1, sum(c["selected"] for c in clusters))
+        body = []
+        for j, c in enumerate(clusters):
+            cells = [c["cluster"], c["size"], f"{c['size'] / rows_total:.3f}", c["budget"], c["selected"],
+                     f"{c['selected'] / selected_total:.3f}", _fmt(c["mean_key"]), _fmt(c["mean_key_selected"])]
+            cells += [f"{r['weights'][j]:.4f}" for r in rounds if r.get("weights")]
+            cells += [r["budgets"][j] for r in rounds if r.get("budgets")]
+            body.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in cells) + "</tr>")
+        parts.append("<table border='1' cellspacing='0' cellpadding='3'><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
+    if rounds and labels:
+        parts.append("<p>Round ids: " + ", ".join(
+            f"r{r['round']}: {r['ids']['rows']} rows, hash {esc(r['ids']['hash'])}" for r in rounds) + "</p>")
+    return "\n".join(parts)
 
 
 def _plots(run_dir: Path, manifest: dict[str, Any], df: pl.DataFrame,
@@ -192,6 +277,40 @@ def _plots(run_dir: Path, manifest: dict[str, Any], df: pl.DataFrame,
         fig.colorbar(im)
         save(fig, "signal_correlations.png", "Spearman correlations between signals (each oriented higher = better)")
 
+    for index, selection in enumerate(kmq_selections(manifest)):
+        clusters = selection.get("per_cluster") or []
+        if clusters:
+            shown = sorted(clusters, key=lambda c: (-c["size"], c["cluster"]))[:40]
+            x = np.arange(len(shown))
+            sizes = np.array([c["size"] for c in shown], dtype=float) / max(1, sum(c["size"] for c in clusters))
+            chosen = np.array([c["selected"] for c in shown], dtype=float) / max(1, sum(c["selected"] for c in clusters))
+            fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+            axes[0].bar(x - 0.2, sizes, width=0.4, label="share of rows")
+            axes[0].bar(x + 0.2, chosen, width=0.4, label="share of selection")
+            axes[0].set_xticks(x, [str(c["cluster"])[:8] for c in shown], rotation=60, fontsize=6)
+            axes[0].legend(fontsize=7)
+            axes[0].set_xlabel("cluster (largest first)")
+            mean_all = [np.nan if c["mean_key"] is None else c["mean_key"] for c in shown]
+            mean_sel = [np.nan if c["mean_key_selected"] is None else c["mean_key_selected"] for c in shown]
+            axes[1].plot(x, mean_all, "o", label="all rows")
+            axes[1].plot(x, mean_sel, "s", label="selected")
+            axes[1].set_xticks(x, [str(c["cluster"])[:8] for c in shown], rotation=60, fontsize=6)
+            axes[1].set_ylabel(f"mean {selection.get('key')}")
+            axes[1].legend(fontsize=7)
+            save(fig, f"kmq_clusters_{index}.png", f"{selection['what']}: cluster shares and mean key")
+        rounds = [r for r in selection.get("round_detail") or [] if r.get("weights")]
+        labels = selection.get("labels") or []
+        if len(rounds) > 1 and labels:
+            weights = np.array([r["weights"] for r in rounds])
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            for j in np.argsort(-weights[-1])[:20]:
+                ax.plot([r["round"] for r in rounds], weights[:, j], marker="o", label=str(labels[j])[:10])
+            ax.set_xlabel("round")
+            ax.set_ylabel("cluster weight (mean 1)")
+            ax.set_xticks([r["round"] for r in rounds])
+            ax.legend(fontsize=6, ncol=2)
+            save(fig, f"kmq_weights_{index}.png", f"{selection['what']}: cluster weights per round")
+
     for name in df.columns:
         if name in _SKIP_HIST or not df[name].dtype.is_numeric():
             continue
@@ -217,6 +336,7 @@ def inspect_run(run_dir: Path) -> tuple[str, Path]:
     plots = _plots(run_dir, manifest, df, (columns, matrix))
     body = [f"<h1>Run {html.escape(manifest['run_id'])}</h1>", f"<pre>{html.escape(summary)}</pre>"]
     body += [f"<p style='color:#b00'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings]
+    body += [kmq_html(selection) for selection in kmq_selections(manifest)]
     for name, title in plots:
         caption = html.escape(title)
         body.append(f"<figure><img src='{name}' alt='{caption}'><figcaption>{caption}</figcaption></figure>")

@@ -23,18 +23,19 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 
 import pipeline
-from pipeline.core.errors import CurriculumError, StageError, UnreadableInputError, find_cause
+from pipeline.core.errors import ConfigError, CurriculumError, StageError, UnreadableInputError, find_cause
 from pipeline.core.hashing import sha256_json
 from pipeline.core.paths import expand_input_paths
 from pipeline.core.ray_session import connect_ray
 from pipeline.engine.cache import StageCache, stage_key, stage_spec
 from pipeline.engine.config import Config
 from pipeline.engine.manifest import build_manifest, write_manifest
+from pipeline.engine.select import SelectStep
 from pipeline.io.ingest import ingest
 from pipeline.io.readers import read_input
 from pipeline.io.writer import write_shards
 from pipeline.models.pool import cluster_size, place
-from stages.base import StageContext
+from stages.base import Stage, StageContext
 from stages.registry import build_stage
 
 Log = Callable[[str], None]
@@ -99,14 +100,36 @@ def _count_by(ds: ray.data.Dataset, column: str) -> dict[str, int]:
     return {str(r[column]): int(r["count()"]) for r in ds.groupby(column).count().take_all()}
 
 
-def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log: Log = _stderr) -> dict[str, Any]:
-    """Run every stage of ``config`` into ``out_dir`` and return the manifest."""
+def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log: Log = _stderr,
+                 select: bool = False) -> dict[str, Any]:
+    """Run every stage of ``config`` into ``out_dir`` and return the manifest.
+
+    With ``select`` (``curriculum select``), the config's ``select:`` section runs as one more step
+    just before the order stage: iterative kMQ (``pipeline.engine.select``)."""
+    stage_objects = _stage_objects(config, select, log)
     connect_ray(config.ray, address)
     with pipeline_data_context():
-        return _run(config, Path(out_dir), log)
+        return _run(config, Path(out_dir), log, stage_objects)
 
 
-def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
+def _stage_objects(config: Config, select: bool, log: Log) -> list[Stage]:
+    stages = [build_stage(params) for params in config.stages]
+    if not select:
+        if config.select is not None:
+            log("[select] the config has a select: section; `curriculum select CONFIG` runs it (`run` does not)")
+        return stages
+    if config.select is None:
+        raise ConfigError("select: the config has no select: section (rounds, budget, scorer, proxy); "
+                          "`curriculum select` runs iterative kMQ from it")
+    static = [i for i, s in enumerate(stages) if s.name == "kmq"]
+    if static:
+        raise ConfigError(f"stages[{static[0]}]: a kmq stage selects once, and the select: section selects in rounds; "
+                          "keep one of them")
+    step = SelectStep(config.select, config.run, config.ray, log)
+    return [*stages[:-1], step, stages[-1]]  # the order stage is always last
+
+
+def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) -> dict[str, Any]:
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out_dir)
@@ -143,7 +166,6 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
             f"{read_record['quarantined']} quarantined")
 
     # ---- check every stage's required columns before running any of them
-    stage_objects = [build_stage(params) for params in config.stages]
     available = ["id", "text", *read_record["extra_columns"]]
     for index, stage in enumerate(stage_objects, start=1):
         missing = [c for c in stage.requires() if c not in available]
@@ -156,6 +178,7 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
     upstream_key, upstream_dir, rows = read_key, read_dir, read_record["rows_out"]
     records: list[dict[str, Any]] = []
     order_info: dict[str, Any] | None = None
+    artifacts: dict[str, str] = {}
     for index, stage in enumerate(stage_objects, start=1):
         spec = stage_spec(stage, seed)
         key = stage_key(upstream_key, spec)
@@ -168,7 +191,8 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
             upstream = cache.read(upstream_dir)
             ctx = StageContext(run_dir=out_dir, artifact_dir=cache.artifacts(folder), seed=seed,
                                input_columns=list(upstream.schema().names),
-                               placement=place(stage.resources(), *cluster_size()))
+                               placement=place(stage.resources(), *cluster_size()),
+                               upstream_artifacts=dict(artifacts))
             try:
                 out = stage.apply(upstream, ctx)
                 dropped_by: dict[str, int] = {}
@@ -198,6 +222,7 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
             log(f"{tag} cached: {record['rows_in']} -> {record['rows_out']} rows")
         records.append({**record, "cached": was_cached})
         order_info = record.get("order") or order_info
+        artifacts.update(record.get("artifacts") or {})
         upstream_key, upstream_dir, rows = key, folder, record["rows_out"]
 
     # ---- shards, quarantine, manifest
@@ -210,7 +235,9 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
     log(f"[write] {rows} rows -> {len(shards)} shard(s) in {time.time() - t0:.1f}s")
     _publish_quarantine(read_dir, out_dir)
 
-    manifest = build_manifest(config, read_record, records, shards, order_info or {}, time.time() - started)
+    select_info = next((r["info"] for r in records if r["name"] == SelectStep.name), None)
+    manifest = build_manifest(config, read_record, records, shards, order_info or {}, time.time() - started,
+                              select=select_info)
     write_manifest(out_dir, manifest)
     return manifest
 
