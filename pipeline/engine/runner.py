@@ -23,7 +23,7 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 
 import pipeline
-from pipeline.core.errors import CurriculumError, StageError, UnreadableInputError, find_cause
+from pipeline.core.errors import ConfigError, CurriculumError, StageError, UnreadableInputError, find_cause
 from pipeline.core.hashing import sha256_json
 from pipeline.core.paths import expand_input_paths
 from pipeline.core.ray_session import connect_ray
@@ -148,7 +148,8 @@ def _run(config: Config, out_dir: Path, log: Log) -> dict[str, Any]:
     for index, stage in enumerate(stage_objects, start=1):
         missing = [c for c in stage.requires() if c not in available]
         if missing:
-            raise StageError(f"stages[{index - 1}] {stage.name}: needs column(s) {missing}, which no earlier "
+            # A config error (exit 2): the config asks for a column that nothing upstream makes.
+            raise ConfigError(f"stages[{index - 1}] {stage.name}: needs column(s) {missing}, which no earlier "
                              f"stage or input field provides (available: {available})")
         available += [c for c in stage.columns if c not in available]
 
