@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=int, default=4096, help="the stage's CPU default")
     parser.add_argument("--scale-docs", type=int, default=16000,
                         help="synthetic docs for the at-scale ratio and the stage's fixed cost (0: skip)")
+    parser.add_argument("--only", choices=["real_mix", "synthetic"], help="run one corpus only")
     parser.add_argument("--ablate", default="real_mix", help="corpus to run the ablations on ('' for none)")
     args = parser.parse_args(argv)
     args.steps = 100 if args.quick else None
@@ -365,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"real text not found at {REAL_MIX}: synthetic corpus only", flush=True)
         for name, rows in corpora:
+            if args.only and name != args.only:
+                continue
             _corpus(name, rows, Path(tmp), args, out)
     out["machine"]["loadavg_end"] = os.getloadavg()
     out["seconds"] = round(time.time() - started, 1)

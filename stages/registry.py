@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from stages.base import Stage
+from stages.cluster import ClusterStage
 from stages.combine import CombineStage
 from stages.kmq import KMQStage
+from stages.embed import EmbedStage
 from stages.order import OrderStage
 from stages.perplexity import PerplexityStage
 from stages.quality import QualityStage
 from stages.quality_classifier import QualityClassifierStage
 from stages.select_perplexity import SelectPerplexityStage
+from stages.semdedup import SemDedupStage
 
 _STAGES: dict[str, type[Stage]] = {
     cls.name: cls
-    for cls in (QualityStage, PerplexityStage, SelectPerplexityStage, QualityClassifierStage, CombineStage, KMQStage,
-                OrderStage)
+    for cls in (QualityStage, PerplexityStage, SelectPerplexityStage, QualityClassifierStage, CombineStage,
+                EmbedStage, ClusterStage, SemDedupStage, KMQStage, OrderStage)
 }
 
 

@@ -54,10 +54,18 @@ def test_config_error_exits_2_names_the_key_and_writes_nothing(cli, tmp_path):
 
 
 def test_runtime_failure_exits_1_with_the_stage_named(cli, tmp_path):
-    config = write_config(tmp_path, stages=[{"name": "order", "method": "sort", "key": "no_such_column"}])
+    """A key column that exists but cannot be used shows up only at run time (exit 1); a key column
+    that nothing provides is a config error (exit 2), found before any stage runs."""
+    config = write_config(tmp_path, stages=[{"name": "order", "method": "quality_ascending", "key": "text"}])
     result = cli("run", str(config), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1
-    assert "no_such_column" in result.stderr and "order" in result.stderr
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "needs a numeric key" in result.stderr and "order" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    config = write_config(tmp_path, stages=[{"name": "order", "method": "sort", "key": "no_such_column"}])
+    result = cli("run", str(config), "--out", str(tmp_path / "out2"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "stages[0] order: needs column(s) ['no_such_column']" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -294,8 +294,8 @@ def test_cli_a_missing_key_column_names_the_column_before_any_stage_runs(cli, co
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(_config(tmp_path, corpus, key="no_such_score")))
     result = cli("run", str(config), "--out", str(tmp_path / "out"))
-    # the runner's requires() check: a runtime failure (exit 1: the input was read), named, no traceback
-    assert result.returncode == 1, result.stderr[-2000:]
+    # the runner's requires() check: a config error (exit 2), the column named, no traceback
+    assert result.returncode == 2, result.stderr[-2000:]
     assert "stages[0] kmq: needs column(s) ['no_such_score']" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "out").glob("stages/01-kmq-*"))

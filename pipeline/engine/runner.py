@@ -170,7 +170,8 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
     for index, stage in enumerate(stage_objects, start=1):
         missing = [c for c in stage.requires() if c not in available]
         if missing:
-            raise StageError(f"stages[{index - 1}] {stage.name}: needs column(s) {missing}, which no earlier "
+            # A config error (exit 2): the config asks for a column that nothing upstream makes.
+            raise ConfigError(f"stages[{index - 1}] {stage.name}: needs column(s) {missing}, which no earlier "
                              f"stage or input field provides (available: {available})")
         available += [c for c in stage.columns if c not in available]
 

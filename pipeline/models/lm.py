@@ -1,8 +1,9 @@
 """Shared language-model helpers: a BPE tokenizer trained with ``tokenizers``, causal LMs
 built from a ``transformers`` config or loaded by hub name / local path, and device choice.
 
-Used by the perplexity stage (the reference LM) and by the trainer. Loading errors become a
-``ModelLoadError`` that names the model, never a stack trace from inside ``transformers``.
+Used by the perplexity stage (the reference LM), the classifier and embedding kernels, and by
+the trainer. Loading errors become a ``ModelLoadError`` that names the model, never a stack
+trace from inside ``transformers``.
 Weights are read and written as safetensors; ``trust_remote_code`` is off unless asked for.
 """
 
@@ -103,6 +104,13 @@ def load_sequence_classifier(name_or_path: str, trust_remote_code: bool = False,
     if getattr(model.config, "pad_token_id", None) is None:  # padded batches need it
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_encoder(name_or_path: str, trust_remote_code: bool = False, dtype: Any = None):
+    """(model, tokenizer) of a bare encoder (``AutoModel``: BERT, MiniLM, ...) for sentence embeddings."""
+    from transformers import AutoModel
+
+    return _load_pretrained(AutoModel, name_or_path, trust_remote_code, dtype, kind=" as an encoder")
 
 
 def _load_pretrained(auto_class: Any, name_or_path: str, trust_remote_code: bool, dtype: Any, kind: str = ""):
