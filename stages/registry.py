@@ -5,8 +5,8 @@ from __future__ import annotations
 from stages.base import Stage
 from stages.cluster import ClusterStage
 from stages.combine import CombineStage
-from stages.kmq import KMQStage
 from stages.embed import EmbedStage
+from stages.kmq import KMQStage
 from stages.order import OrderStage
 from stages.perplexity import PerplexityStage
 from stages.quality import QualityStage

@@ -85,7 +85,7 @@ def test_kmeans_with_ten_clusters_recovers_the_ten_topics(clustered: tuple[pa.Ta
     assert nmi >= 0.8, nmi  # measured 0.94 (seed 0)
     assert table.schema.field("cluster").type == pa.int32() and table.schema.field("cluster_dist").type == pa.float32()
     info = ctx.info
-    assert info["k"] == 10 and info["k_source"] == "given" and info["fit_rows"] == DOCS and info["backend"] == "faiss"
+    assert info["k"] == 10 and info["k_source"] == "given" and info["fit_rows"] == DOCS and info["backend"] == "sklearn"
     assert sum(info["sizes"]) == DOCS and info["empty_clusters"] == 0 and info["null_vectors"] == 0
     assert ctx.artifacts["cluster_centroids"] == f"artifacts/{CENTROIDS_FILE}"
     centroids = np.load(ctx.run_dir / ctx.artifacts["cluster_centroids"], allow_pickle=False)

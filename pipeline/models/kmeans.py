@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.errors import ConfigError
+
 ASSIGN_ROWS = 1024
 BACKENDS = ("faiss", "sklearn")
 
@@ -147,7 +149,11 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _lloyd_faiss(x: np.ndarray, init: np.ndarray, metric: str, iterations: int, seed: int) -> np.ndarray:
-    import faiss
+    try:
+        import faiss
+    except ImportError as error:
+        raise ConfigError("backend: faiss needs faiss-cpu (pip install 'data-curriculum[faiss]'), "
+                          "or use backend: sklearn") from error
 
     n, dim = x.shape
     k = init.shape[0]
