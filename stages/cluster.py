@@ -10,14 +10,17 @@ silhouette on the first ``silhouette_rows`` rows of the sample wins. The centroi
 ``centroids.npy`` (float32 ``(k, dim)``, read with ``np.load(allow_pickle=False)``) and listed in
 the manifest's artifacts as ``cluster_centroids``.
 
-Backend: ``sklearn`` by default; ``faiss`` (faiss-cpu, an optional extra) fits the same model.
-``benchmarks/bench_diversity.py`` measured fit-and-assign at 1M x 384, k = 64, on the project's
-2-core machine: scikit-learn 18.0 s, faiss 23.8 s (benchmarks/README.md).
+Backend: ``sklearn`` (k-means++ seeds, then Lloyd on the sphere in NumPy/SciPy, or
+scikit-learn's ``KMeans`` for euclidean) by default, because it measured faster than faiss-cpu
+here: fit-and-assign at 1M x 384, k = 64, 18.0 s against 23.8 s (the fit on the 100k-row sample
+9.0 s against 11.5 s), same objective (``benchmarks/bench_diversity.py``, benchmarks/README.md).
+``faiss`` (``pip install data-curriculum[faiss]``) fits the same model from the same seeds.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import time
 from typing import Any, ClassVar, Literal
@@ -56,8 +59,8 @@ class ClusterParams(StageParams):
     iterations: int = Field(25, ge=1, description="Lloyd iterations at most.")
     n_init: int = Field(1, ge=1, description="Starts per fit; the lowest objective wins.")
     seed: int | None = Field(None, ge=0, description="Seeds the sample and the fit; defaults to run.seed.")
-    backend: Literal["faiss", "sklearn"] = Field("sklearn", description="sklearn (k-means++ then Lloyd; the faster one "
-                                                 "measured here) or faiss (pip install 'data-curriculum[faiss]').")
+    backend: Literal["sklearn", "faiss"] = Field("sklearn", description="sklearn (the faster one measured here) "
+                                                 "or faiss (optional faiss-cpu): the same model from the same seeds.")
     batch_size: int = Field(4096, ge=1, description="Rows per assignment call.")
 
     @field_validator("k", mode="before")
@@ -86,6 +89,9 @@ class ClusterStage(Stage):
     def apply(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
         p = self.params
         assert p.backend in BACKENDS
+        if p.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+            raise ConfigError("cluster: stages.cluster.backend faiss needs faiss-cpu "
+                              "(pip install data-curriculum[faiss]); or use backend: sklearn")
         seed = ctx.seed if p.seed is None else p.seed
         t0 = time.time()
         _check_vector_column(ds, p.column)

@@ -111,6 +111,6 @@ class EmbedStage(Stage):
 def _summarize(table: pa.Table) -> pa.Table:
     """Per batch: the tokens embedded (reason "") and the row count of each null reason."""
     reasons = pc.fill_null(table[NULL_REASON], "")
-    grouped = pa.table({"reason": reasons, "n": table[TOKENS]}).group_by("reason").aggregate(
+    grouped = pa.table({"reason": reasons, "n": table[TOKENS]}).group_by("reason", use_threads=False).aggregate(
         [("n", "sum"), ("n", "count")])
     return pa.table({"reason": grouped["reason"], "tokens": grouped["n_sum"], "rows": grouped["n_count"]})

@@ -260,7 +260,7 @@ def _collect(ds: ray.data.Dataset) -> pa.Table:
 
 
 def _block_counts(table: pa.Table, cluster: str) -> pa.Table:
-    grouped = table.select([cluster]).group_by([cluster]).aggregate([([], "count_all")])
+    grouped = table.select([cluster]).group_by([cluster], use_threads=False).aggregate([([], "count_all")])
     return pa.table({"label": grouped[cluster], "rows": grouped["count_all"]})
 
 
@@ -273,7 +273,7 @@ def count_clusters(ds: ray.data.Dataset, cluster: str) -> tuple[list[Any], np.nd
         return [], np.zeros(0, dtype=np.int64)
     if pa.types.is_large_string(parts["label"].type):
         parts = parts.set_column(0, "label", pc.cast(parts["label"], pa.string()))
-    total = parts.group_by(["label"]).aggregate([("rows", "sum")]).to_pylist()
+    total = parts.group_by(["label"], use_threads=False).aggregate([("rows", "sum")]).to_pylist()
     by_label = {r["label"]: int(r["rows_sum"]) for r in total}
     labels = sorted(v for v in by_label if v is not None) + ([None] if None in by_label else [])
     return labels, np.array([by_label[v] for v in labels], dtype=np.int64)
@@ -371,7 +371,7 @@ def _block_stats(table: pa.Table, starts: np.ndarray, cumulative: np.ndarray) ->
     has = ~np.isnan(q)
     frame = pa.table({"g": pa.array(g, pa.int32()), "round": pa.array(round_index, pa.int32()),
                       "q": pa.array(np.where(has, q, 0.0)), "has": pa.array(has.astype(np.int64))})
-    out = frame.group_by(["g", "round"]).aggregate([([], "count_all"), ("q", "sum"), ("has", "sum")])
+    out = frame.group_by(["g", "round"], use_threads=False).aggregate([([], "count_all"), ("q", "sum"), ("has", "sum")])
     return pa.table({"g": out["g"], "round": out["round"], "rows": out["count_all"], "q_sum": out["q_sum"],
                      "q_rows": out["has_sum"]})
 

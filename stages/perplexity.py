@@ -163,7 +163,7 @@ class PerplexityStage(Stage):
 def _summarize(table: pa.Table) -> pa.Table:
     """Per batch: the tokens scored (reason "") and the row count of each null reason."""
     reasons = pc.fill_null(table[NULL_REASON], "")
-    grouped = pa.table({"reason": reasons, "n_tokens": table["n_tokens"]}).group_by("reason").aggregate(
+    grouped = pa.table({"reason": reasons, "n_tokens": table["n_tokens"]}).group_by("reason", use_threads=False).aggregate(
         [("n_tokens", "sum"), ("n_tokens", "count")])
     return pa.table({"reason": grouped["reason"], "tokens": grouped["n_tokens_sum"], "rows": grouped["n_tokens_count"]})
 

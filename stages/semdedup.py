@@ -152,5 +152,6 @@ def greedy_near_duplicates(x: np.ndarray, threshold: float) -> np.ndarray:
 def _counts(table: pa.Table) -> pa.Table:
     """Per batch and group: rows and rows dropped."""
     dropped = pc.cast(pc.is_valid(table["_drop_reason"]), pa.int64())
-    grouped = pa.table({"group": table[_GROUP], "d": dropped}).group_by("group").aggregate([("d", "sum"), ("d", "count")])
+    grouped = pa.table({"group": table[_GROUP], "d": dropped}).group_by("group", use_threads=False).aggregate(
+        [("d", "sum"), ("d", "count")])
     return pa.table({"group": grouped["group"], "rows": grouped["d_count"], "dropped": grouped["d_sum"]})

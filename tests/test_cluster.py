@@ -82,7 +82,7 @@ def _cluster(params: dict, ds: ray.data.Dataset, tmp_path: Path, seed: int = 0) 
 def test_kmeans_with_ten_clusters_recovers_the_ten_topics(clustered: tuple[pa.Table, StageContext]) -> None:
     table, ctx = clustered
     nmi = normalized_mutual_info_score(table["topic"].to_pylist(), table["cluster"].to_pylist())
-    assert nmi >= 0.8, nmi  # measured 0.94 (seed 0)
+    assert nmi >= 0.8, nmi  # measured 0.992 (seed 0)
     assert table.schema.field("cluster").type == pa.int32() and table.schema.field("cluster_dist").type == pa.float32()
     info = ctx.info
     assert info["k"] == 10 and info["k_source"] == "given" and info["fit_rows"] == DOCS and info["backend"] == "sklearn"
@@ -135,10 +135,11 @@ def test_same_seed_same_clusters_across_runs_block_layouts_and_backends(clustere
     shuffled, _ = _cluster({"k": 10, "batch_size": 13}, reversed_many, tmp_path / "c")
     for other in (again, shuffled):
         assert other["cluster"].equals(first["cluster"]) and other["cluster_dist"].equals(first["cluster_dist"])
-    sklearn, sk_ctx = _cluster({"k": 10, "backend": "sklearn"}, one_block, tmp_path / "d")
+    pytest.importorskip("faiss")
+    faiss_out, faiss_ctx = _cluster({"k": 10, "backend": "faiss"}, one_block, tmp_path / "d")
     # the same k-means++ seeds and the same Lloyd iterations: the same model, whichever backend runs it
-    assert np.mean(sklearn["cluster"].to_numpy() == first["cluster"].to_numpy()) >= 0.99
-    assert abs(sk_ctx.info["objective"] - ctx.info["objective"]) < 1e-4
+    assert np.mean(faiss_out["cluster"].to_numpy() == first["cluster"].to_numpy()) >= 0.99
+    assert abs(faiss_ctx.info["objective"] - ctx.info["objective"]) < 1e-4
 
 
 def test_assignment_does_not_depend_on_the_rows_beside_it(corpus: pa.Table) -> None:
@@ -153,6 +154,7 @@ def test_assignment_does_not_depend_on_the_rows_beside_it(corpus: pa.Table) -> N
 
 
 def test_both_backends_fit_the_same_euclidean_model(corpus: pa.Table) -> None:
+    pytest.importorskip("faiss")
     x, _ = arrow_to_vectors(corpus["embedding"])
     fits = {b: fit_kmeans(x, 10, "euclidean", seed=3, backend=b) for b in ("faiss", "sklearn")}
     labels = {b: assign(x, f.centroids, "euclidean")[0] for b, f in fits.items()}

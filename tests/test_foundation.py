@@ -187,6 +187,16 @@ def test_config_errors_name_the_key(tmp_path):
         assert expected in str(info.value), (text, str(info.value))
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_names_its_stages(path):
+    config = load_config(path)
+    names = [stage.name for stage in config.stages]
+    assert names and names[-1] == "order", names
+    if path.name == "diverse.yaml":
+        assert names[-5:] == ["embed", "cluster", "semdedup", "kmq", "order"]
+
+
 def test_set_overrides_values_and_stage_params_by_name(tmp_path):
     path = write_yaml(tmp_path, "stages: [{name: quality}, {name: order, method: sort, key: n_words}]\n")
     config = load_config(path, ["run.seed=7", "stages.order.direction=descending", "output.rows_per_shard=3"])

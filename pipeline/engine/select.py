@@ -240,7 +240,7 @@ def _block_scores(table: pa.Table, kind: str, sign: float) -> pa.Table:
             s = np.log(table[_REF].to_numpy(zero_copy_only=False)) - np.log(table["ppl"].to_numpy(zero_copy_only=False))
     ok = np.isfinite(s)
     frame = pa.table({"g": table[_G], "s": pa.array(np.where(ok, s, 0.0)), "ok": pa.array(ok.astype(np.int64))})
-    out = frame.group_by(["g"]).aggregate([("s", "sum"), ("ok", "sum"), ([], "count_all")])
+    out = frame.group_by(["g"], use_threads=False).aggregate([("s", "sum"), ("ok", "sum"), ([], "count_all")])
     return pa.table({"g": out["g"], "s_sum": out["s_sum"], "scored": out["ok_sum"], "rows": out["count_all"]})
 
 

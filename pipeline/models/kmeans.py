@@ -9,13 +9,14 @@ Both backends start from the same greedy k-means++ seeds (Arthur & Vassilvitskii
 products: scikit-learn's own upcasts float32 rows to float64 and took 35 s at 100k x 384 here,
 this one about 2 s) and run the same Lloyd iterations, so they fit the same model and differ
 only in speed. Random-row starts, faiss' default, gave visibly worse clusters on the synthetic
-topics (NMI 0.85-0.99 over seeds, against 0.93-0.99 from k-means++; docs/methods.md).
+topics (NMI 0.85-0.99 over seeds, against 0.92-0.99 from k-means++; benchmarks/README.md).
 
-- ``faiss`` (faiss-cpu ``Kmeans`` with ``init_centroids``; ``spherical=True`` for cosine):
-  BLAS assignment, multi-threaded C++ updates;
-- ``sklearn``: scikit-learn's ``KMeans`` (Lloyd, from the same seeds) for euclidean; for cosine,
-  Lloyd on the sphere in NumPy/SciPy, since scikit-learn's ``KMeans`` cannot renormalize the
-  centroids each step.
+- ``sklearn`` (the default, faster here): scikit-learn's ``KMeans`` (Lloyd, from the same seeds)
+  for euclidean; for cosine, Lloyd on the sphere in NumPy/SciPy (BLAS products, a sparse
+  membership matrix for the sums, stopping when no row moves), since scikit-learn's ``KMeans``
+  cannot renormalize the centroids each step;
+- ``faiss`` (optional faiss-cpu, ``Kmeans`` with ``init_centroids``; ``spherical=True`` for
+  cosine): every iteration runs.
 
 With ``n_init`` > 1, start ``i`` uses seed ``seed + i`` and the lowest objective wins.
 
@@ -31,10 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.core.errors import ConfigError
-
 ASSIGN_ROWS = 1024
-BACKENDS = ("faiss", "sklearn")
+BACKENDS = ("sklearn", "faiss")
 
 
 @dataclass
@@ -86,7 +85,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.ndarra
 
 
 def fit_kmeans(x: np.ndarray, k: int, metric: str = "cosine", iterations: int = 25, n_init: int = 1, seed: int = 0,
-               backend: str = "faiss") -> KMeansFit:
+               backend: str = "sklearn") -> KMeansFit:
     """k centroids of the rows of ``x`` (float32 ``(n, dim)``, n >= k); the best of ``n_init`` starts."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r} (one of {BACKENDS})")
@@ -149,11 +148,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _lloyd_faiss(x: np.ndarray, init: np.ndarray, metric: str, iterations: int, seed: int) -> np.ndarray:
-    try:
-        import faiss
-    except ImportError as error:
-        raise ConfigError("backend: faiss needs faiss-cpu (pip install 'data-curriculum[faiss]'), "
-                          "or use backend: sklearn") from error
+    import faiss
 
     n, dim = x.shape
     k = init.shape[0]

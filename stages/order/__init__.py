@@ -277,7 +277,7 @@ def _collect(ds: ray.data.Dataset) -> pa.Table:
 def _partial_counts(table: pa.Table, keys: list[str], where: str | None) -> pa.Table:
     if where is not None:
         table = table.filter(pc.equal(table[where], 0))
-    return table.select(keys).group_by(keys).aggregate([([], "count_all")])
+    return table.select(keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
 
 
 def _count_by(ds: ray.data.Dataset, keys: list[str], where_zero: str | None = None) -> list[dict[str, Any]]:
@@ -290,20 +290,21 @@ def _count_by(ds: ray.data.Dataset, keys: list[str], where_zero: str | None = No
                                     fn_kwargs={"keys": keys, "where": where_zero}))
     if not parts.num_rows:
         return []
-    total = parts.group_by(keys).aggregate([("count_all", "sum")]).to_pylist()
+    total = parts.group_by(keys, use_threads=False).aggregate([("count_all", "sum")]).to_pylist()
     return sorted(({**{k: r[k] for k in keys}, "rows": int(r["count_all_sum"])} for r in total),
                   key=lambda r: tuple(r[k] for k in keys))
 
 
 def _partial_starts(table: pa.Table) -> pa.Table:
-    return table.group_by([_GROUP_NULL, _GROUP]).aggregate([(_RANK, "min"), (_RANK, "count")])
+    return table.group_by([_GROUP_NULL, _GROUP], use_threads=False).aggregate([(_RANK, "min"), (_RANK, "count")])
 
 
 def _group_starts(ranked: ray.data.Dataset) -> pa.Table:
     """First rank and size of every group. The ranked data is sorted by group, so a block holds
     few groups and the per-block tables that reach the driver total about groups + blocks rows."""
     parts = _collect(ranked.map_batches(_partial_starts, batch_format="pyarrow", batch_size=None))
-    return parts.group_by([_GROUP_NULL, _GROUP]).aggregate([(f"{_RANK}_min", "min"), (f"{_RANK}_count", "sum")])
+    return parts.group_by([_GROUP_NULL, _GROUP], use_threads=False).aggregate(
+        [(f"{_RANK}_min", "min"), (f"{_RANK}_count", "sum")])
 
 
 # --------------------------------------------------------------------------- strategies
