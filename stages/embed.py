@@ -13,13 +13,11 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray.data
 from pydantic import Field, field_validator
 
 from pipeline.models.encoder import DEFAULT_MODEL, NULL_REASON, TOKENS, SentenceEncoder, encoder_dim
-from pipeline.models.pool import Resources, map_with_actor_pool
+from pipeline.models.pool import Resources, count_tokens_and_null_reasons, map_with_actor_pool
 from pipeline.models.vectors import vector_type
 from stages.base import Stage, StageContext, StageParams
 
@@ -89,17 +87,9 @@ class EmbedStage(Stage):
             "trust_remote_code": p.trust_remote_code,
         }).materialize()
         seconds = {"embedding": time.time() - t0}
-        # One pass for the statistics; only a few rows per block come back to the driver.
-        counts: dict[str, int] = {}
-        tokens = 0
-        for row in embedded.select_columns([NULL_REASON, TOKENS]).map_batches(
-                _summarize, batch_format="pyarrow").take_all():
-            if row["reason"] == "":
-                tokens += int(row["tokens"])
-            else:
-                counts[row["reason"]] = counts.get(row["reason"], 0) + int(row["rows"])
+        tokens, counts = count_tokens_and_null_reasons(embedded, NULL_REASON, TOKENS)
         seconds["statistics"] = time.time() - t0 - seconds["embedding"]
-        info.update(tokens_embedded=tokens, null_vectors=sum(counts.values()), null_reasons=dict(sorted(counts.items())),
+        info.update(tokens_embedded=tokens, null_vectors=sum(counts.values()), null_reasons=counts,
                     seconds={k: round(v, 2) for k, v in seconds.items()},
                     # actor start-up and model loading included
                     tokens_per_second=round(tokens / max(1e-9, seconds["embedding"]), 1),
@@ -107,10 +97,3 @@ class EmbedStage(Stage):
         ctx.info.update(info)
         return embedded.drop_columns([TOKENS, NULL_REASON])
 
-
-def _summarize(table: pa.Table) -> pa.Table:
-    """Per batch: the tokens embedded (reason "") and the row count of each null reason."""
-    reasons = pc.fill_null(table[NULL_REASON], "")
-    grouped = pa.table({"reason": reasons, "n": table[TOKENS]}).group_by("reason", use_threads=False).aggregate(
-        [("n", "sum"), ("n", "count")])
-    return pa.table({"reason": grouped["reason"], "tokens": grouped["n_sum"], "rows": grouped["n_count"]})

@@ -16,15 +16,13 @@ import os
 import time
 from typing import Any, ClassVar, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray.data
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.io.trusted import TrustedText
 from pipeline.models.causal_lm_scorer import NULL_REASON, SCORE_COLUMNS, PerplexityScorer
 from pipeline.models.lm import load_lm_config
-from pipeline.models.pool import Resources, map_with_actor_pool
+from pipeline.models.pool import Resources, count_tokens_and_null_reasons, map_with_actor_pool
 from pipeline.models.reference_lm import ReferenceLMSpec, prepare_reference_lm
 from pipeline.models.windows import context_size
 from stages.base import Stage, StageContext, StageParams
@@ -142,28 +140,13 @@ class PerplexityStage(Stage):
             "trust_remote_code": p.trust_remote_code, "half_seed": half_seed,
         }).materialize()
         timings["scoring"] = time.time() - t1
-        # One pass for the statistics; only a few rows per block come back to the driver.
-        counts: dict[str, int] = {}
-        tokens = 0
-        for row in scored.select_columns([NULL_REASON, "n_tokens"]).map_batches(_summarize, batch_format="pyarrow").take_all():
-            if row["reason"] == "":
-                tokens += int(row["tokens"])
-            else:
-                counts[row["reason"]] = counts.get(row["reason"], 0) + int(row["rows"])
+        tokens, counts = count_tokens_and_null_reasons(scored, NULL_REASON, "n_tokens")
         info["null_scores"] = sum(counts.values())
-        info["null_reasons"] = dict(sorted(counts.items()))
+        info["null_reasons"] = counts
         info["tokens_scored"] = tokens
         timings["statistics"] = time.time() - t1 - timings["scoring"]
         info["seconds"] = {k: round(v, 2) for k, v in timings.items()}
         info["tokens_per_second"] = round(tokens / max(1e-9, timings["scoring"]), 1)  # actor start-up included
         ctx.info.update(info)
         return scored.drop_columns([NULL_REASON])
-
-
-def _summarize(table: pa.Table) -> pa.Table:
-    """Per batch: the tokens scored (reason "") and the row count of each null reason."""
-    reasons = pc.fill_null(table[NULL_REASON], "")
-    grouped = pa.table({"reason": reasons, "n_tokens": table["n_tokens"]}).group_by("reason", use_threads=False).aggregate(
-        [("n_tokens", "sum"), ("n_tokens", "count")])
-    return pa.table({"reason": grouped["reason"], "tokens": grouped["n_tokens_sum"], "rows": grouped["n_tokens_count"]})
 

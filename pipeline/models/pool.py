@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
@@ -97,3 +99,24 @@ def map_with_actor_pool(ds: ray.data.Dataset, actor: type, placement: Placement,
         num_cpus=placement.threads,
         num_gpus=placement.num_gpus or None,
     )
+
+
+def count_tokens_and_null_reasons(ds: ray.data.Dataset, reason_column: str, tokens_column: str) -> tuple[int, dict[str, int]]:
+    """(tokens of the rows without a reason, rows per null reason) of a model stage's output.
+
+    One distributed pass; each block sends back one row per reason, never the rows themselves.
+    """
+    def summarize(table: pa.Table) -> pa.Table:
+        reasons = pc.fill_null(table[reason_column], "")
+        grouped = pa.table({"reason": reasons, "n": table[tokens_column]}).group_by(
+            "reason", use_threads=False).aggregate([("n", "sum"), ("n", "count")])
+        return pa.table({"reason": grouped["reason"], "tokens": grouped["n_sum"], "rows": grouped["n_count"]})
+
+    tokens = 0
+    counts: dict[str, int] = {}
+    for row in ds.select_columns([reason_column, tokens_column]).map_batches(summarize, batch_format="pyarrow").take_all():
+        if row["reason"] == "":
+            tokens += int(row["tokens"])
+        else:
+            counts[row["reason"]] = counts.get(row["reason"], 0) + int(row["rows"])
+    return tokens, dict(sorted(counts.items()))
