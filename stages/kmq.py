@@ -254,7 +254,8 @@ def _narrow(table: pa.Table, key: str, cluster: str, labels: list[Any], sign: fl
 # --------------------------------------------------------------------------- distributed steps
 
 
-def _collect(ds: ray.data.Dataset) -> pa.Table:
+def collect_summaries(ds: ray.data.Dataset) -> pa.Table:
+    """A dataset of small per-block summaries (a few rows per block), as one table in the driver."""
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables) if tables else pa.table({})
 
@@ -267,7 +268,7 @@ def _block_counts(table: pa.Table, cluster: str) -> pa.Table:
 def count_clusters(ds: ray.data.Dataset, cluster: str) -> tuple[list[Any], np.ndarray]:
     """(labels, sizes): every cluster value, sorted with null last, and its row count. Each block
     counts its own rows; only the per-block tables (clusters × blocks rows) reach the driver."""
-    parts = _collect(ds.select_columns([cluster]).map_batches(_block_counts, batch_format="pyarrow",
+    parts = collect_summaries(ds.select_columns([cluster]).map_batches(_block_counts, batch_format="pyarrow",
                                                                batch_size=None, fn_kwargs={"cluster": cluster}))
     if not parts.num_rows:
         return [], np.zeros(0, dtype=np.int64)
@@ -318,7 +319,7 @@ def cut_rows(ranked: ray.data.Dataset, starts: np.ndarray, cumulative: np.ndarra
     """
     cumulative = np.atleast_2d(cumulative)
     targets = {int(starts[j] + c - 1) for row in cumulative for j, c in enumerate(row) if c > 0}
-    picked = _collect(ranked.map_batches(_pick_rows, batch_format="pyarrow", fn_kwargs={
+    picked = collect_summaries(ranked.map_batches(_pick_rows, batch_format="pyarrow", fn_kwargs={
         "wanted": pa.array(sorted(targets), pa.int64())})) if targets else pa.table({})
     found = {int(p): (int(n), float(z), str(i)) for p, n, z, i in zip(
         *(picked[c].to_pylist() for c in ("position", _NULL, _Z, "id")))} if picked.num_rows else {}
@@ -381,7 +382,7 @@ def cluster_stats(ranked: ray.data.Dataset, starts: np.ndarray, cumulative: np.n
     cumulative = np.atleast_2d(cumulative)
     rounds, k = cumulative.shape
     out = np.zeros((k, rounds + 1, 3))
-    parts = _collect(ranked.select_columns([_G, _Q, "position"]).map_batches(
+    parts = collect_summaries(ranked.select_columns([_G, _Q, "position"]).map_batches(
         _block_stats, batch_format="pyarrow", batch_size=None, fn_kwargs={"starts": starts, "cumulative": cumulative}))
     for g, r, rows, q_sum, q_rows in zip(*(parts[c].to_pylist() for c in ("g", "round", "rows", "q_sum", "q_rows"))
                                          ) if parts.num_rows else []:

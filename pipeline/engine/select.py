@@ -63,6 +63,7 @@ from stages.kmq import (
     check_columns,
     cluster_index,
     cluster_stats,
+    collect_summaries,
     count_clusters,
     cut_rows,
     label_text,
@@ -280,15 +281,10 @@ def _durations(started: float, marks: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _collect(ds: ray.data.Dataset) -> pa.Table:
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
 def ids_digest(ranked: ray.data.Dataset, starts: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, Any]:
     """{rows, hash}: the rows ranked in [low_j, high_j) of each cluster j, and a hash of their id
     set (the sum of 64-bit id hashes, mod 2^64): the same set gives the same hash in any order."""
-    parts = _collect(ranked.select_columns(["id", "_kmq_g", "position"]).map_batches(
+    parts = collect_summaries(ranked.select_columns(["id", "_kmq_g", "position"]).map_batches(
         _ids_digest, batch_format="pyarrow", batch_size=None, fn_kwargs={"starts": starts, "low": low, "high": high}))
     rows = int(sum(parts["rows"].to_pylist())) if parts.num_rows else 0
     total = sum(lo + (hi << 32) for lo, hi in zip(parts["hash_lo"].to_pylist(), parts["hash_hi"].to_pylist())) \
@@ -403,7 +399,7 @@ class SelectStep(Stage):
         counts = np.zeros(len(labels), dtype=np.int64)
         total_rows = 0
         sign = 1.0 if p.scorer.higher_is_better else -1.0
-        parts = _collect(scored.map_batches(_block_scores, batch_format="pyarrow", batch_size=None,
+        parts = collect_summaries(scored.map_batches(_block_scores, batch_format="pyarrow", batch_size=None,
                                             fn_kwargs={"kind": p.scorer.kind, "sign": sign}))
         for g, s_sum, n, all_rows in zip(*(parts[c].to_pylist() for c in ("g", "s_sum", "scored", "rows"))
                                          ) if parts.num_rows else []:
