@@ -8,6 +8,7 @@ from stages.combine import CombineStage
 from stages.embed import EmbedStage
 from stages.kmq import KMQStage
 from stages.order import OrderStage
+from stages.permute import PermuteStage
 from stages.perplexity import PerplexityStage
 from stages.quality import QualityStage
 from stages.quality_classifier import QualityClassifierStage
@@ -17,7 +18,7 @@ from stages.semdedup import SemDedupStage
 _STAGES: dict[str, type[Stage]] = {
     cls.name: cls
     for cls in (QualityStage, PerplexityStage, SelectPerplexityStage, QualityClassifierStage, CombineStage,
-                EmbedStage, ClusterStage, SemDedupStage, KMQStage, OrderStage)
+                EmbedStage, ClusterStage, SemDedupStage, KMQStage, PermuteStage, OrderStage)
 }
 
 

@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     synth.add_argument("--docs", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--kind", choices=["graded"], default="graded")
+    synth.add_argument("--kind", choices=["graded", "reversal"], default="graded",
+                       help="graded: topic documents with a hidden quality; reversal: --docs one-way facts about "
+                       "invented people, plus OUT-probes-forward.jsonl and OUT-probes-reverse.jsonl beside OUT "
+                       "(OUT without .jsonl/.gz), ten candidates per probe")
 
     inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
     inspect.add_argument("run_dir")

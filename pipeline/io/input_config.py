@@ -29,7 +29,8 @@ class HFInput(StrictModel):
 
 class SyntheticInput(StrictModel):
     docs: int = Field(2000, ge=1)
-    kind: Literal["graded"] = "graded"
+    kind: Literal["graded", "reversal"] = Field("graded", description="graded: topics with a hidden quality; "
+                                                "reversal: one-way facts about invented people (docs = facts).")
     seed: int | None = Field(None, ge=0, description="Defaults to run.seed.")
 
 

@@ -37,7 +37,7 @@ from pipeline.core.errors import ConfigError, CurriculumError, UnreadableInputEr
 from pipeline.core.hashing import content_id
 from pipeline.core.paths import expand_input_paths
 from pipeline.io.input_config import InputConfig, SyntheticInput
-from pipeline.io.synth import graded_document
+from pipeline.io.synth import SYNTHETIC_KINDS
 
 PARSED_SCHEMA = pa.schema(
     [
@@ -271,15 +271,17 @@ class TextDatasource(_ChunkedDatasource):
 
 
 class SyntheticDatasource(_ChunkedDatasource):
-    """The graded synthetic corpus; one unit per index range."""
+    """A synthetic corpus (``input.synthetic.kind``); one unit per index range."""
 
-    def __init__(self, units: list[Any], checker: RecordChecker, block_rows: int, seed: int):
+    def __init__(self, units: list[Any], checker: RecordChecker, block_rows: int, seed: int, kind: str = "graded"):
         super().__init__(units, checker, block_rows)
         self.seed = seed
+        self.kind = kind
 
     def read_unit(self, unit: tuple[int, int]) -> Iterator[dict[str, Any]]:
+        document = SYNTHETIC_KINDS[self.kind]
         for index in range(*unit):
-            yield self.checker.check(graded_document(index, self.seed), f"synthetic:{index}", _seq(0, index), "")
+            yield self.checker.check(document(index, self.seed), f"synthetic:{index}", _seq(0, index), "")
 
 
 class HFDatasource(_ChunkedDatasource):
@@ -339,7 +341,8 @@ def read_input(cfg: InputConfig, seed: int, parallelism: int) -> ray.data.Datase
         checker = RecordChecker("text", "id", cfg.max_chars, cfg.keep_fields)
         step = cfg.lines_per_block
         units = [(a, min(a + step, synthetic.docs)) for a in range(0, synthetic.docs, step)]
-        source = SyntheticDatasource(units, checker, step, synthetic.seed if synthetic.seed is not None else seed)
+        source = SyntheticDatasource(units, checker, step, synthetic.seed if synthetic.seed is not None else seed,
+                                     synthetic.kind)
         return ray.data.read_datasource(source, override_num_blocks=max(1, min(parallelism, len(units))))
 
     checker = RecordChecker(cfg.text_field, cfg.id_field, cfg.max_chars, cfg.keep_fields)

@@ -23,6 +23,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.io.synth_reversal import reversal_document, write_probes
+
 TOPICS: dict[str, dict[str, list[str]]] = {
     "astronomy": {
         "nouns": "star galaxy comet nebula telescope orbit planet moon asteroid quasar pulsar eclipse meteor "
@@ -198,9 +200,14 @@ def graded_documents(start: int, stop: int, seed: int = 0) -> Iterator[dict]:
         yield graded_document(index, seed)
 
 
+SYNTHETIC_KINDS = {"graded": graded_document, "reversal": reversal_document}  # kind -> document(index, seed)
+
+
 def write_synthetic(out: Path, docs: int, seed: int = 0, kind: str = "graded") -> int:
-    """Write ``docs`` records as JSON lines (gzip if the name ends in .gz). Returns the count."""
-    if kind != "graded":
+    """Write ``docs`` records as JSON lines (gzip if the name ends in .gz). Returns the count.
+
+    ``reversal`` also writes its probe files beside ``out`` (``pipeline.io.synth_reversal``)."""
+    if kind not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -208,7 +215,9 @@ def write_synthetic(out: Path, docs: int, seed: int = 0, kind: str = "graded") -
         # mtime=0 and no file name in the gzip header: the same arguments give the same bytes.
         binary = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") if out.name.endswith(".gz") else raw
         with io.TextIOWrapper(binary, encoding="utf-8", newline="\n") as fh:
-            for record in graded_documents(0, docs, seed):
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for index in range(docs):
+                fh.write(json.dumps(SYNTHETIC_KINDS[kind](index, seed), ensure_ascii=False) + "\n")
     tmp.replace(out)
+    if kind == "reversal":
+        write_probes(out, docs, seed)
     return docs
