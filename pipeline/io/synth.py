@@ -20,7 +20,7 @@ import gzip
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 TOPICS: dict[str, dict[str, list[str]]] = {
@@ -200,15 +200,24 @@ def graded_documents(start: int, stop: int, seed: int = 0) -> Iterator[dict]:
 
 def write_synthetic(out: Path, docs: int, seed: int = 0, kind: str = "graded") -> int:
     """Write ``docs`` records as JSON lines (gzip if the name ends in .gz). Returns the count."""
+    if kind == "reasoning":  # also writes the held-out split beside ``out``
+        from pipeline.io.synth_reasoning import write_reasoning  # it imports write_jsonl from here
+
+        return write_reasoning(out, docs, seed)[0]
     if kind != "graded":
         raise ValueError(f"unknown synthetic kind {kind!r}")
+    write_jsonl(out, graded_documents(0, docs, seed))
+    return docs
+
+
+def write_jsonl(out: Path, records: Iterable[dict]) -> None:
+    """JSON lines to ``out`` (gzip if the name ends in .gz), written under a temporary name and renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as raw:
         # mtime=0 and no file name in the gzip header: the same arguments give the same bytes.
         binary = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") if out.name.endswith(".gz") else raw
         with io.TextIOWrapper(binary, encoding="utf-8", newline="\n") as fh:
-            for record in graded_documents(0, docs, seed):
+            for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    return docs
