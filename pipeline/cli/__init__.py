@@ -18,6 +18,7 @@ from pipeline.engine.report import inspect_run
 from pipeline.engine.runner import run_pipeline
 from pipeline.engine.select import rounds_table
 from pipeline.io.synth import write_synthetic
+from pipeline.io.synth_reasoning import held_out_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,10 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     synth.add_argument("--docs", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--kind", choices=["graded", "reversal"], default="graded",
+    synth.add_argument("--kind", choices=["graded", "reversal", "reasoning"], default="graded",
                        help="graded: topic documents with a hidden quality; reversal: --docs one-way facts about "
                        "invented people, plus OUT-probes-forward.jsonl and OUT-probes-reverse.jsonl beside OUT "
-                       "(OUT without .jsonl/.gz), ten candidates per probe")
+                       "(OUT without .jsonl/.gz), ten candidates per probe; reasoning: arithmetic word problems "
+                       "(prompt, response, text, answer), --docs of them in OUT and a held-out tenth "
+                       "(at least 1) in OUT-test.jsonl beside it (NAME-test.jsonl.gz for NAME.jsonl.gz)")
 
     inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
     inspect.add_argument("run_dir")
@@ -83,6 +86,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         raise ConfigError("--docs must be at least 1")
     n = write_synthetic(Path(args.out), args.docs, seed=args.seed, kind=args.kind)
     print(f"wrote {n} {args.kind} documents to {args.out}")
+    if args.kind == "reasoning":
+        print(f"wrote the held-out split to {held_out_path(Path(args.out))}")
     return 0
 
 

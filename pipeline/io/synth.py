@@ -20,7 +20,7 @@ import gzip
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipeline.io.synth_reversal import reversal_document, write_probes
@@ -206,18 +206,28 @@ SYNTHETIC_KINDS = {"graded": graded_document, "reversal": reversal_document}  # 
 def write_synthetic(out: Path, docs: int, seed: int = 0, kind: str = "graded") -> int:
     """Write ``docs`` records as JSON lines (gzip if the name ends in .gz). Returns the count.
 
-    ``reversal`` also writes its probe files beside ``out`` (``pipeline.io.synth_reversal``)."""
+    ``reversal`` also writes its probe files beside ``out`` (``pipeline.io.synth_reversal``);
+    ``reasoning`` writes its held-out split beside it (``pipeline.io.synth_reasoning``)."""
+    if kind == "reasoning":
+        from pipeline.io.synth_reasoning import write_reasoning  # it imports write_jsonl from here
+
+        return write_reasoning(out, docs, seed)[0]
     if kind not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}")
+    write_jsonl(out, (SYNTHETIC_KINDS[kind](index, seed) for index in range(docs)))
+    if kind == "reversal":
+        write_probes(out, docs, seed)
+    return docs
+
+
+def write_jsonl(out: Path, records: Iterable[dict]) -> None:
+    """JSON lines to ``out`` (gzip if the name ends in .gz), written under a temporary name and renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as raw:
         # mtime=0 and no file name in the gzip header: the same arguments give the same bytes.
         binary = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") if out.name.endswith(".gz") else raw
         with io.TextIOWrapper(binary, encoding="utf-8", newline="\n") as fh:
-            for index in range(docs):
-                fh.write(json.dumps(SYNTHETIC_KINDS[kind](index, seed), ensure_ascii=False) + "\n")
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    if kind == "reversal":
-        write_probes(out, docs, seed)
-    return docs

@@ -155,6 +155,30 @@ class EvalConfig(StrictModel):
         return sets
 
 
+class DataConfig(StrictModel):
+    """What a shard row is to the trainer: one text, or a prompt and a response (docs/training.md)."""
+
+    format: Literal["text", "prompt_response"] = Field(
+        "text", description="text: loss on every token; prompt_response: loss on the response (and its EOS) only.")
+    text_field: str = Field("text", min_length=1, description="format text: the column to train on.")
+    prompt_field: str = Field("prompt", min_length=1, description="format prompt_response: the prompt column.")
+    response_field: str = Field("response", min_length=1, description="format prompt_response: the response column.")
+
+
+class MaskedThoughtConfig(StrictModel):
+    """Masked Thought (Chen et al., 2024): some response tokens replaced by a mask token in the input only."""
+
+    ratio: float = Field(..., ge=0, lt=1, description="The chance that each response token's input is the mask "
+                         "token (labels are unchanged); 0 disables it. Must be in [0, 1).")
+    token: str | None = Field(None, min_length=1, description="The mask token; added to the tokenizer if it is not "
+                              "in the vocabulary. Default: the tokenizer's own mask token, else '<|mask|>'.")
+
+
+class AugmentConfig(StrictModel):
+    masked_thought: MaskedThoughtConfig | None = Field(
+        None, description="{ratio: 0.2}: mask a seeded random share of each response's input tokens.")
+
+
 class TrainConfig(StrictModel):
     model: ModelSpec = ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2})
     tokenizer: str | None = Field(
@@ -168,6 +192,8 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step on each worker.")
     max_tokens: int = Field(2_000_000, ge=1, description="Training length: steps = max_tokens // (batch_size * seq_len).")
     packing: Literal["pack", "pad"] = Field("pack", description="pack documents with EOS separators, or pad each one.")
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     averaging: AveragingConfig = AveragingConfig()
@@ -192,6 +218,13 @@ class TrainConfig(StrictModel):
                 f"batch_size {self.batch_size} must be a multiple of workers * grad_accum = {per_step} "
                 "(batch_size is the global batch per optimizer step)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _masking_needs_responses(self) -> "TrainConfig":
+        if self.augment.masked_thought is not None and self.data.format != "prompt_response":
+            raise FieldError("augment.masked_thought", "masks response tokens, so it needs data.format: "
+                             "prompt_response (with data.prompt_field and data.response_field)")
         return self
 
     @model_validator(mode="after")

@@ -2,7 +2,9 @@
 
 Shards are read in name order and every document's position is checked, so a broken run cannot
 silently reorder training. ``pack`` cuts the EOS-separated stream into ``seq_len`` sequences;
-``pad`` gives each document its own. With ``world_size`` ranks the global batches are dealt
+``pad`` gives each document its own. A document is one text column, or a prompt and a response
+whose tokens are concatenated, with the loss on the response (and its EOS) only; the response's
+input tokens may be masked (Masked Thought, ``pipeline.train.augment``). With ``world_size`` ranks the global batches are dealt
 round-robin, so reading every rank's batch b in turn gives the single-process stream. The
 state is a cursor ``{epoch, row, offset, batch}`` that resumes every rank, with any world size,
 at the exact next token. No randomness, no dependence on timing. The contract in full
@@ -24,8 +26,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.io.runfolder import shard_files
+from pipeline.train.augment import masked_positions
 
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
+# What each token is (``_Chunk.kind``): only TARGET and EOS tokens are labels; only TARGET ones may be masked.
+PROMPT, TARGET, EOS = 0, 1, 2
 
 
 class Encoder:
@@ -61,33 +66,46 @@ class _Chunk:
     tokens: np.ndarray  # int32, each document followed by EOS
     grow: np.ndarray  # int64, global row (epoch * rows + position) of each token
     tpos: np.ndarray  # int32, index of each token inside its document (EOS included)
+    kind: np.ndarray  # int8, PROMPT, TARGET or EOS
 
 
-def _tokenize_chunk(encoder: Encoder, texts: list[str], epoch: int, row0: int, rows: int, skip: int) -> _Chunk:
-    ids = encoder.encode(texts)
+def _tokenize_chunk(encoder: Encoder, fields: list[list[str]], epoch: int, row0: int, rows: int, skip: int) -> _Chunk:
+    """``fields`` is [texts] or [prompts, responses]: a document is their tokens, concatenated, then EOS."""
+    if len(fields) == 1:
+        ids = encoder.encode(fields[0])
+        prompt_lengths = np.zeros(len(ids), dtype=np.int64)
+    else:
+        # Tokenized apart, so the boundary is exact and a prompt tokenizes as it will at inference.
+        prompts, responses = encoder.encode(fields[0]), encoder.encode(fields[1])
+        ids = [p + r for p, r in zip(prompts, responses)]
+        prompt_lengths = np.fromiter((len(x) for x in prompts), dtype=np.int64, count=len(prompts))
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     tokens = np.insert(flat, np.cumsum(lengths), encoder.eos)  # EOS after every document
+    ends = np.repeat(lengths, lengths + 1)
+    prompt_ends = np.repeat(prompt_lengths, lengths + 1)
     lengths = lengths + 1
     starts = np.cumsum(lengths) - lengths
     grow = np.repeat(np.arange(row0, row0 + len(ids), dtype=np.int64) + epoch * rows, lengths)
-    tpos = (np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+    tpos64 = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, lengths)
+    kind = np.where(tpos64 == ends, EOS, np.where(tpos64 < prompt_ends, PROMPT, TARGET)).astype(np.int8)
+    tpos = tpos64.astype(np.int32)
     if skip:  # resuming inside the first document
-        tokens, grow, tpos = tokens[skip:], grow[skip:], tpos[skip:]
-    return _Chunk(tokens, grow, tpos)
+        tokens, grow, tpos, kind = tokens[skip:], grow[skip:], tpos[skip:], kind[skip:]
+    return _Chunk(tokens, grow, tpos, kind)
 
 
 class _Source:
-    """Row counts of the shards and a reader of (epoch, row, texts) chunks from any cursor."""
+    """Row counts of the shards and a reader of (epoch, row, fields) chunks from any cursor."""
 
-    def __init__(self, run_dir: str | Path, text_column: str):
+    def __init__(self, run_dir: str | Path, columns: list[str]):
         self.files = shard_files(run_dir)
-        self.text_column = text_column
+        self.columns = columns
         self.file_rows: list[int] = []
         for f in self.files:
             meta = pq.read_metadata(f)
             names = pq.read_schema(f).names
-            for column in (text_column, "position"):
+            for column in (*columns, "position"):
                 if column not in names:
                     raise ConfigError(f"{f}: no {column!r} column (columns: {names})")
             self.file_rows.append(meta.num_rows)
@@ -96,8 +114,9 @@ class _Source:
         if self.rows == 0:
             raise CurriculumError(f"{run_dir}: the shards hold no rows; there is nothing to train on")
 
-    def chunks(self, epoch: int, row: int, chunk_rows: int, max_epochs: int | None) -> Iterator[tuple[int, int, list[str]]]:
-        """(epoch, first row, texts) from the cursor on, in order, looping over epochs."""
+    def chunks(self, epoch: int, row: int, chunk_rows: int,
+               max_epochs: int | None) -> Iterator[tuple[int, int, list[list[str]]]]:
+        """(epoch, first row, one list of strings per column) from the cursor on, in order, looping over epochs."""
         if not 0 <= row < self.rows:
             raise CurriculumError(f"loader state: row {row} is outside the run's {self.rows} rows")
         while max_epochs is None or epoch < max_epochs:
@@ -109,7 +128,8 @@ class _Source:
                 yield from self._file_chunks(index, epoch, start_in_file, chunk_rows)
             epoch, row = epoch + 1, 0
 
-    def _file_chunks(self, index: int, epoch: int, start: int, chunk_rows: int) -> Iterator[tuple[int, int, list[str]]]:
+    def _file_chunks(self, index: int, epoch: int, start: int,
+                     chunk_rows: int) -> Iterator[tuple[int, int, list[list[str]]]]:
         pf = pq.ParquetFile(self.files[index])
         rg_rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         rg_starts = np.cumsum([0, *rg_rows])
@@ -117,14 +137,14 @@ class _Source:
         expected = int(self.file_starts[index]) + start
         skip = start - int(rg_starts[first_rg])
         batches = pf.iter_batches(batch_size=chunk_rows, row_groups=list(range(first_rg, pf.num_row_groups)),
-                                  columns=[self.text_column, "position"], use_threads=False)
+                                  columns=[*self.columns, "position"], use_threads=False)
         for batch in batches:
             if skip:
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
                     continue
                 batch, skip = batch.slice(skip), 0
-            positions = batch.column(1)
+            positions = batch.column(len(self.columns))
             n = batch.num_rows
             if n == 0:
                 continue
@@ -132,8 +152,9 @@ class _Source:
                 raise CurriculumError(
                     f"{self.files[index]}: positions {positions[0].as_py()}…{positions[n - 1].as_py()} where "
                     f"{expected}…{expected + n - 1} were expected; shards must hold positions 0…N−1 in file order")
-            texts = [t if t is not None else "" for t in batch.column(0).to_pylist()]
-            yield epoch, expected, texts
+            fields = [[t if t is not None else "" for t in batch.column(i).to_pylist()]
+                      for i in range(len(self.columns))]
+            yield epoch, expected, fields
             expected += n
 
 
@@ -150,11 +171,11 @@ class _ChunkStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         c = self.cursor
         stream = self.source.chunks(c["epoch"], c["row"], self.chunk_rows, self.max_epochs)
-        for index, (epoch, row0, texts) in enumerate(stream):
+        for index, (epoch, row0, fields) in enumerate(stream):
             if index % workers != worker:
                 continue
             skip = c["offset"] if index == 0 else 0
-            yield _tokenize_chunk(self.encoder, texts, epoch, row0, self.source.rows, skip)
+            yield _tokenize_chunk(self.encoder, fields, epoch, row0, self.source.rows, skip)
 
 
 def _collate_chunk(chunk: _Chunk) -> _Chunk:
@@ -177,6 +198,11 @@ class CurriculumLoader(IterableDataset):
         max_epochs: int | None = None,
         chunk_rows: int = 256,
         text_column: str = "text",
+        prompt_column: str | None = None,
+        response_column: str | None = None,
+        mask_ratio: float = 0.0,
+        mask_token_id: int | None = None,
+        mask_seed: int = 0,
     ):
         if packing not in ("pack", "pad"):
             raise ConfigError(f"packing must be 'pack' or 'pad' (got {packing!r})")
@@ -184,7 +210,15 @@ class CurriculumLoader(IterableDataset):
             raise ConfigError("seq_len must be >= 2, batch_size and chunk_rows >= 1")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in 0…{world_size - 1}")
-        self.source = _Source(run_dir, text_column)
+        if (prompt_column is None) != (response_column is None):
+            raise ConfigError("give both prompt_column and response_column (prompt/response data), or neither")
+        if not 0 <= mask_ratio < 1:
+            raise ConfigError(f"mask_ratio must be in [0, 1) (got {mask_ratio})")
+        if mask_ratio > 0 and (mask_token_id is None or prompt_column is None):
+            raise ConfigError("masking needs a mask_token_id and prompt/response data (it masks responses only)")
+        columns = [text_column] if prompt_column is None else [prompt_column, response_column]
+        self.source = _Source(run_dir, columns)
+        self.mask_ratio, self.mask_token_id, self.mask_seed = mask_ratio, mask_token_id, mask_seed
         self.encoder = Encoder(tokenizer)
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
@@ -225,18 +259,19 @@ class CurriculumLoader(IterableDataset):
     def _cursor(self, grow: int, tpos: int) -> dict[str, int]:
         return {"epoch": int(grow // self.source.rows), "row": int(grow % self.source.rows), "offset": int(tpos)}
 
-    def _global_batches(self, start: dict[str, int],
-                        in_worker: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]]:
-        """(b, tokens, grow, tpos, cursor after) for every global batch from ``start`` on."""
+    def _global_batches(self, start: dict[str, int], in_worker: bool) -> Iterator[tuple[int, _Chunk, dict[str, int]]]:
+        """(b, its tokens, cursor after) for every global batch from ``start`` on."""
         L, B = self.seq_len, self.batch_size
         tok = np.empty(0, np.int32)
         grow = np.empty(0, np.int64)
         tpos = np.empty(0, np.int32)
+        kind = np.empty(0, np.int8)
         b = start["batch"]
         for chunk in self._chunks(start, in_worker):
             tok = np.concatenate([tok, chunk.tokens])
             grow = np.concatenate([grow, chunk.grow])
             tpos = np.concatenate([tpos, chunk.tpos])
+            kind = np.concatenate([kind, chunk.kind])
             pos = 0
             piece_starts = np.flatnonzero(tpos % L == 0) if self.packing == "pad" else None
             while True:
@@ -247,44 +282,45 @@ class CurriculumLoader(IterableDataset):
                     end = int(piece_starts[k]) if k < len(piece_starts) else len(tok)
                 if end >= len(tok):  # the token after the batch gives the cursor; wait for it
                     break
-                yield b, tok[pos:end], grow[pos:end], tpos[pos:end], self._cursor(grow[end], tpos[end])
+                yield b, _Chunk(tok[pos:end], grow[pos:end], tpos[pos:end], kind[pos:end]), self._cursor(grow[end], tpos[end])
                 b += 1
                 pos = end
-            tok, grow, tpos = tok[pos:], grow[pos:], tpos[pos:]
+            tok, grow, tpos, kind = tok[pos:], grow[pos:], tpos[pos:], kind[pos:]
         while len(tok):  # a finite stream's tail: the last, shorter batch(es)
             if self.packing == "pack":
                 end = min(len(tok), B * L)
             else:
                 piece_starts = np.flatnonzero(tpos % L == 0)
                 end = int(piece_starts[B]) if B < len(piece_starts) else len(tok)
-            yield b, tok[:end], grow[:end], tpos[:end], dict(END)
+            yield b, _Chunk(tok[:end], grow[:end], tpos[:end], kind[:end]), dict(END)
             b += 1
-            tok, grow, tpos = tok[end:], grow[end:], tpos[end:]
+            tok, grow, tpos, kind = tok[end:], grow[end:], tpos[end:], kind[end:]
 
-    def _materialize(self, tok: np.ndarray, grow: np.ndarray, tpos: np.ndarray) -> dict[str, torch.Tensor]:
+    def _materialize(self, chunk: _Chunk) -> dict[str, torch.Tensor]:
         L = self.seq_len
+        tok, grow, tpos = chunk.tokens, chunk.grow, chunk.tpos
         positions_flat = grow % self.source.rows
+        inputs = tok
+        if self.mask_ratio > 0:  # labels keep the original tokens; only the inputs change
+            hidden = masked_positions(chunk.kind == TARGET, grow, tpos, self.mask_seed, self.mask_ratio)
+            inputs = np.where(hidden, self.mask_token_id, tok)
         if self.packing == "pack":
-            n = len(tok)
-            rows = -(-n // L)
-            ids = np.full(rows * L, self.encoder.pad, np.int64)
-            pos = np.full(rows * L, -1, np.int64)
-            ids[:n] = tok
-            pos[:n] = positions_flat
+            slots = np.arange(len(tok))
+            rows = -(-len(tok) // L)
         else:
             starts = np.flatnonzero(tpos % L == 0)
             rows = len(starts)
-            ids = np.full(rows * L, self.encoder.pad, np.int64)
-            pos = np.full(rows * L, -1, np.int64)
             # Token i goes to row (its piece) and column (its index inside the piece).
             piece = np.searchsorted(starts, np.arange(len(tok)), side="right") - 1
             slots = piece * L + (tpos % L)
-            ids[slots] = tok
-            pos[slots] = positions_flat
-        ids = ids.reshape(rows, L)
-        pos = pos.reshape(rows, L)
+        ids = np.full(rows * L, self.encoder.pad, np.int64)
+        labels = np.full(rows * L, -100, np.int64)
+        pos = np.full(rows * L, -1, np.int64)
+        ids[slots] = inputs
+        labels[slots] = np.where(chunk.kind == PROMPT, -100, tok)
+        pos[slots] = positions_flat
+        ids, labels, pos = ids.reshape(rows, L), labels.reshape(rows, L), pos.reshape(rows, L)
         mask = pos >= 0
-        labels = np.where(mask, ids, -100)
         return {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask.astype(np.int64)),
@@ -303,9 +339,9 @@ class CurriculumLoader(IterableDataset):
         world, rank = self.world_size, self.rank
         pending = None  # this rank's batch of the current round, if this worker yields it
         local = 0  # this rank's batches so far
-        for b, tok, grow, tpos, after in self._global_batches(start, in_worker):
+        for b, chunk, after in self._global_batches(start, in_worker):
             if b % world == rank:
-                pending = (b, tok, grow, tpos) if local % dl_workers == dl_worker else None
+                pending = (b, chunk) if local % dl_workers == dl_worker else None
                 local += 1
             if b % world != world - 1:
                 continue  # the state after our batch is the start of the next round
@@ -313,13 +349,13 @@ class CurriculumLoader(IterableDataset):
             if not in_worker:
                 self._state = dict(state)
             if pending is not None:
-                batch = self._materialize(*pending[1:])
+                batch = self._materialize(pending[1])
                 batch["index"] = pending[0]
                 batch["state"] = state
                 pending = None
                 yield batch
         if pending is not None:  # a finite stream that ended in the middle of a round
-            batch = self._materialize(*pending[1:])
+            batch = self._materialize(pending[1])
             batch["index"] = pending[0]
             batch["state"] = {**END, "batch": -1}
             yield batch

@@ -28,6 +28,7 @@ from pipeline.core.ray_session import connect_ray
 from pipeline.core.settings import RayConfig, RunConfig
 from pipeline.io.runfolder import read_manifest, shard_files
 from pipeline.models.lm import build_causal_lm, compute_dtype, load_causal_lm, resolve_device, train_bpe_tokenizer
+from pipeline.train.augment import add_mask_token, mask_token_id
 from pipeline.train.averaging import average_checkpoints
 from pipeline.train.checkpoints import (
     STATE_FILE,
@@ -41,7 +42,7 @@ from pipeline.train.checkpoints import (
     save_checkpoint,
     truncate_jsonl,
 )
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import AugmentConfig, DataConfig, TrainConfig
 from pipeline.train.evaluation import check_eval_sets, evaluate, load_eval_sets
 from pipeline.train.loader import CurriculumLoader
 from pipeline.train.schedules import schedule_from_config
@@ -101,7 +102,7 @@ def plan_training(config: JobConfig, data: str | Path | None = None, out: str | 
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"{data_dir}: not a run folder (no manifest.json); run `curriculum run CONFIG` "
                           "first, or pass --data RUN_DIR")
-    shard_files(data_dir)
+    check_data_columns(train, data_dir)
     if out_dir.resolve() == data_dir.resolve():
         raise ConfigError("--out must differ from the run folder (--data)")
     check_eval_sets(train.eval.sets)
@@ -128,11 +129,36 @@ def plan_training(config: JobConfig, data: str | Path | None = None, out: str | 
     return TrainPlan(train, str(data_dir), str(out_dir), seed, train.total_steps, device, precision)
 
 
+def data_columns(train: TrainConfig) -> dict[str, str]:
+    """The shard columns a document is made of, by the ``train.data`` key that names each."""
+    data = train.data
+    if data.format == "text":
+        return {"text_field": data.text_field}
+    return {"prompt_field": data.prompt_field, "response_field": data.response_field}
+
+
+def check_data_columns(train: TrainConfig, data_dir: Path) -> None:
+    """Every shard has the columns ``train.data`` names; ConfigError naming the key otherwise."""
+    import pyarrow.parquet as pq
+
+    for f in shard_files(data_dir):
+        names = pq.read_schema(f).names
+        for key, column in data_columns(train).items():
+            if column not in names:
+                extra = [n for n in names if n not in ("id", "position")]
+                raise ConfigError(f"train.data.{key}: the shards have no column {column!r} ({f.name} has {extra}); "
+                                  "the run keeps an input record's extra fields as columns of the same name")
+
+
 def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
     """What fixes the trajectory: a changed value here makes old checkpoints unusable."""
     manifest = read_manifest(Path(plan.data_dir))
     shards = [s.get("sha256") for s in manifest.get("shards", [])]
     train = plan.train.model_dump(mode="json", exclude={*_FREE_KEYS, *_NUMERICS_KEYS})
+    # Sections added later are left out at their defaults, so older training folders still resume.
+    for key, default in (("data", DataConfig()), ("augment", AugmentConfig())):
+        if train[key] == default.model_dump(mode="json"):
+            del train[key]
     vocab = sorted(tokenizer.get_vocab().items())
     return sha256_json({"train": train, "seed": plan.seed, "shards": shards, "vocab": sha256_json(vocab),
                         "eos": tokenizer.eos_token_id, "total_steps": plan.total_steps})
@@ -158,7 +184,7 @@ def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     marker = saved / "curriculum_tokenizer.json"
     if marker.is_file():
         return _load_tokenizer(str(saved), False), json.loads(marker.read_text())["source"]
-    texts = _tokenizer_sample(data_dir, train.tokenizer_sample_docs, plan.seed)
+    texts = _tokenizer_sample(data_dir, train.tokenizer_sample_docs, plan.seed, list(data_columns(train).values()))
     log(f"[train] training a {train.tokenizer_vocab_size}-token BPE tokenizer on {len(texts)} sampled documents")
     return train_bpe_tokenizer(texts, vocab_size=train.tokenizer_vocab_size), (
         f"BPE trained on {len(texts)} hash-sampled documents (vocab {train.tokenizer_vocab_size}, seed {plan.seed})")
@@ -176,8 +202,8 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
     return tokenizer
 
 
-def _tokenizer_sample(data_dir: Path, docs: int, seed: int) -> list[str]:
-    """About ``docs`` documents drawn by a seeded hash of their id; sorted by id (deterministic)."""
+def _tokenizer_sample(data_dir: Path, docs: int, seed: int, columns: list[str]) -> list[str]:
+    """About ``docs`` documents (``columns`` joined) drawn by a seeded hash of their id; sorted by id."""
     import pyarrow.parquet as pq
 
     files = shard_files(data_dir)
@@ -185,9 +211,10 @@ def _tokenizer_sample(data_dir: Path, docs: int, seed: int) -> list[str]:
     share = min(1.0, docs / max(rows, 1))
     picked: list[tuple[str, str]] = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=2048, columns=["id", "text"]):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=2048, columns=["id", *columns]):
             ids = batch.column(0).to_pylist()
-            texts = batch.column(1).to_pylist()
+            parts = [batch.column(i + 1).to_pylist() for i in range(len(columns))]
+            texts = ["".join(p or "" for p in row) for row in zip(*parts)]
             draws = uniform(ids, seed, "train.tokenizer")
             picked.extend((i, t) for i, t, u in zip(ids, texts, draws) if u < share and t)
     picked.sort()
@@ -201,6 +228,8 @@ def build_model(plan: TrainPlan, tokenizer: Any):
         import torch
 
         model, _ = load_causal_lm(spec.pretrained, spec.trust_remote_code, dtype=torch.float32)
+        if plan.train.augment.masked_thought is not None:
+            fit_embeddings(model, len(tokenizer))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ConfigError(f"train.model.pretrained {spec.pretrained!r} has {model.get_input_embeddings().num_embeddings} "
                               f"embeddings but the tokenizer has {len(tokenizer)} tokens")
@@ -210,6 +239,21 @@ def build_model(plan: TrainPlan, tokenizer: Any):
     if limit is not None and plan.train.seq_len > limit:
         raise ConfigError(f"train.seq_len {plan.train.seq_len} exceeds the model's {limit} positions")
     return model
+
+
+def fit_embeddings(model: Any, vocab: int) -> None:
+    """Grow the embeddings to ``vocab`` rows (the added mask token), each new row the mean of the old
+    ones: a deterministic start (transformers' default samples the new rows at random)."""
+    import torch
+
+    old = model.get_input_embeddings().num_embeddings
+    if old >= vocab:
+        return
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None and layer.weight.shape[0] == vocab:
+                layer.weight[old:] = layer.weight[:old].mean(dim=0)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -288,7 +332,8 @@ def setup_worker(plan: TrainPlan, rank: int, world: int) -> tuple[Worker, Any]:
     model = build_model(plan, tokenizer)
     model.train()
     loader = CurriculumLoader(plan.data_dir, tokenizer, cfg.seq_len, cfg.micro_batch, cfg.packing,
-                              world_size=world, rank=rank, num_workers=cfg.loader_workers)
+                              world_size=world, rank=rank, num_workers=cfg.loader_workers, **loader_data_options(cfg,
+                              tokenizer, plan.seed))
     trainer_state = None
     found = complete_checkpoints(out_dir)
     if found:
@@ -309,6 +354,17 @@ def setup_worker(plan: TrainPlan, rank: int, world: int) -> tuple[Worker, Any]:
     autocast_dtype = torch.bfloat16 if plan.precision == "bf16" else None
     worker = Worker(plan, rank, world, device, autocast_dtype, tokenizer, model, train_model, optimizer, loader)
     return worker, trainer_state
+
+
+def loader_data_options(cfg: TrainConfig, tokenizer: Any, seed: int) -> dict[str, Any]:
+    """The loader's column and masking arguments for ``train.data`` and ``train.augment``."""
+    options: dict[str, Any] = {"text_column": cfg.data.text_field}
+    if cfg.data.format == "prompt_response":
+        options.update(prompt_column=cfg.data.prompt_field, response_column=cfg.data.response_field)
+    masked = cfg.augment.masked_thought
+    if masked is not None and masked.ratio > 0:
+        options.update(mask_ratio=masked.ratio, mask_token_id=mask_token_id(tokenizer, masked.token), mask_seed=seed)
+    return options
 
 
 def resume(worker: Worker, trainer_state: Any, log: Log) -> tuple[Progress, int | None]:
@@ -523,6 +579,9 @@ def _train_with_ray(plan: TrainPlan, config: JobConfig, address: str | None, log
 def prepare_output(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     """Resolve the tokenizer, check old checkpoints fit, then create OUT and save the tokenizer."""
     tokenizer, source = resolve_tokenizer(plan, log)
+    masked = plan.train.augment.masked_thought
+    if masked is not None:
+        add_mask_token(tokenizer, masked.token)
     plan.fingerprint = _fingerprint(plan, tokenizer)
     out_dir = Path(plan.out_dir)
     found = complete_checkpoints(out_dir)
