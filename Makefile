@@ -31,7 +31,7 @@ lint: install-dev
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 bench: install-dev
 	$(BIN)/python benchmarks/run_all.py
