@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.io.runfolder import shard_files
+from pipeline.train.token_source import TokenChunkStream, open_token_shards
 
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
 
@@ -177,6 +178,7 @@ class CurriculumLoader(IterableDataset):
         max_epochs: int | None = None,
         chunk_rows: int = 256,
         text_column: str = "text",
+        token_shards: bool | None = None,
     ):
         if packing not in ("pack", "pad"):
             raise ConfigError(f"packing must be 'pack' or 'pad' (got {packing!r})")
@@ -186,6 +188,11 @@ class CurriculumLoader(IterableDataset):
             raise ConfigError(f"rank {rank} is not in 0…{world_size - 1}")
         self.source = _Source(run_dir, text_column)
         self.encoder = Encoder(tokenizer)
+        # RUN_DIR/tokens (`curriculum tokenize`) when it matches: None = when present, False = never.
+        self.tokens, self.tokens_reason = (None, "off") if token_shards is False else open_token_shards(
+            run_dir, tokenizer, text_column, self.source.rows)
+        if token_shards and self.tokens is None:
+            raise ConfigError(f"{run_dir}: cannot read the token shards: {self.tokens_reason}")
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
         self.max_epochs, self.chunk_rows = max_epochs, chunk_rows
@@ -213,7 +220,8 @@ class CurriculumLoader(IterableDataset):
 
     def _chunks(self, cursor: dict[str, int], in_worker: bool) -> Iterator[_Chunk]:
         split = self.num_workers > 0 and not in_worker
-        stream = _ChunkStream(self.source, self.encoder, cursor, self.chunk_rows, self.max_epochs, split)
+        stream = (TokenChunkStream(self.tokens, cursor, self.chunk_rows, self.max_epochs, split) if self.tokens is not None
+                  else _ChunkStream(self.source, self.encoder, cursor, self.chunk_rows, self.max_epochs, split))
         if split:
             from torch.utils.data import DataLoader
 
