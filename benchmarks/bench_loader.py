@@ -17,9 +17,18 @@ sequences as int64 tensors (``input_ids``, ``attention_mask``, ``labels``), the 
   every document has the position it expects, and builds the ``positions`` tensor and the
   resume cursor of every batch.
 
+Token shards (issue 16), in the same run: the tokenizer is saved and ``curriculum tokenize``'s
+``tokenize_run`` writes ``RUN_DIR/tokens`` with it (reused while the vocabulary is the same), and
+``export_megatron`` writes the Megatron ``.bin``/``.idx`` pair from them, outside the timing.
+
+- ``loader_tokens``: ``CurriculumLoader(token_shards=True)``: the same batches, sliced from the
+  memory-mapped token shards instead of tokenized (``loader`` is ``token_shards=False``).
+- ``raw_bin``: ``np.memmap`` of the ``.bin`` file cut into the same batches: the limit of any
+  reader of pre-tokenized data.
+
 Each reader is timed from opening the data to its last batch, in this process, one after the
 other; the order rotates between repeats. The best and the median of ``--repeats`` are reported.
-Target: loader >= 0.8 x raw (tokens/s, CPU).
+Targets: loader >= 0.8 x raw; loader_tokens >= 0.8 x raw_bin and >= 3 x loader (tokens/s, CPU).
 
 The run folder is ``--data RUN_DIR``, or else ``benchmarks/out/loader-run-<docs>/``, built once
 by the real pipeline and reused: the synthetic graded corpus (``--docs`` documents), the
@@ -67,15 +76,49 @@ def make_run(docs: int) -> Path:
     return folder
 
 
-def pack(texts: Iterable[list[str]], encoder: Encoder, seq_len: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenize each list of texts with one call, EOS after every document, cut into batches."""
-    size = seq_len * batch_size
-    buf = np.empty(0, np.int64)
+def encoded(texts: Iterable[list[str]], encoder: Encoder) -> Iterator[np.ndarray]:
+    """Tokenize each list of texts with one call, EOS after every document."""
     for chunk in texts:
         ids = encoder.encode(chunk)
         lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))
-        buf = np.concatenate([buf, np.insert(flat, np.cumsum(lengths), encoder.eos)])
+        yield np.insert(flat, np.cumsum(lengths), encoder.eos)
+
+
+def prepare_tokens(run_dir: Path, tokenizer) -> tuple[Path, str]:
+    """Token shards with ``tokenizer`` (kept while they match) and the Megatron pair; (.bin path, dtype)."""
+    from pipeline.engine.tokenize import tokenize_run
+    from pipeline.io.megatron import export_megatron
+    from pipeline.train.token_source import open_token_shards
+
+    shards, _ = open_token_shards(run_dir, tokenizer, "text", sum(pq.read_metadata(f).num_rows for f in shard_files(run_dir)))
+    if shards is None:
+        folder = OUT / f"{run_dir.name}-tokenizer"
+        tokenizer.save_pretrained(folder)
+        tokenize_run(run_dir, tokenizer=str(folder))
+    record = export_megatron(run_dir)
+    return Path(record["bin"]), record["dtype"]
+
+
+def pack(texts: Iterable[list[str]], encoder: Encoder, seq_len: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenize each list of texts with one call, EOS after every document, cut into batches."""
+    return pack_tokens(encoded(texts, encoder), encoder.pad, seq_len, batch_size)
+
+
+def raw_bin(path: Path, dtype: str, seq_len: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The Megatron .bin file, memory-mapped, in slices of whole batches."""
+    data = np.memmap(path, dtype=dtype, mode="r")
+    size = seq_len * batch_size * 64
+    for start in range(0, len(data), size):
+        yield data[start:start + size].astype(np.int64)
+
+
+def pack_tokens(arrays: Iterable[np.ndarray], pad: int, seq_len: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Token arrays (each document already followed by EOS) cut into batches, the last one padded."""
+    size = seq_len * batch_size
+    buf = np.empty(0, np.int64)
+    for array in arrays:
+        buf = np.concatenate([buf, array]) if len(buf) else array
         full = len(buf) // size * size
         for start in range(0, full, size):
             input_ids = torch.from_numpy(buf[start:start + size].reshape(batch_size, seq_len))
@@ -83,7 +126,7 @@ def pack(texts: Iterable[list[str]], encoder: Encoder, seq_len: int, batch_size:
         buf = buf[full:]
     if len(buf):  # the tail: a shorter batch, its last row padded
         rows = -(-len(buf) // seq_len)
-        input_ids = np.full(rows * seq_len, encoder.pad, np.int64)
+        input_ids = np.full(rows * seq_len, pad, np.int64)
         mask = np.zeros(rows * seq_len, np.int64)
         input_ids[:len(buf)], mask[:len(buf)] = buf, 1
         input_ids, mask = input_ids.reshape(rows, seq_len), mask.reshape(rows, seq_len)
@@ -140,14 +183,20 @@ def main() -> int:
     encoder = Encoder(tokenizer)
     L, B, rows = args.seq_len, args.batch_size, args.chunk_rows
 
+    tokens_started = time.perf_counter()
+    bin_path, bin_dtype = prepare_tokens(run_dir, tokenizer)
+    tokens_seconds = time.perf_counter() - tokens_started
     readers = {
         "raw": lambda: pack(raw_texts(files, rows), encoder, L, B),
         "datasets": lambda: pack(datasets_texts(files, rows), encoder, L, B),
-        "loader": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows),
+        "loader": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, token_shards=False),
+        "loader_tokens": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows,
+                                                  token_shards=True),
+        "raw_bin": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B), encoder.pad, L, B),
     }
     if args.workers:
         readers[f"loader_{args.workers}_workers"] = lambda: CurriculumLoader(
-            run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, num_workers=args.workers)
+            run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, num_workers=args.workers, token_shards=False)
     load_start = os.getloadavg()
     timings: dict[str, list[float]] = {name: [] for name in readers}
     results: dict[str, tuple[int, int]] = {}
@@ -182,6 +231,11 @@ def main() -> int:
         "ratio_to_raw_median": {k: round(v / median_rates["raw"], 3) for k, v in median_rates.items()},
         "ratio_loader_vs_datasets": round(rates["loader"] / rates["datasets"], 3),
         "ratio_loader_vs_datasets_median": round(median_rates["loader"] / median_rates["datasets"], 3),
+        "tokenize_and_export_seconds": round(tokens_seconds, 1),
+        "ratio_tokens_loader_vs_raw_bin": round(rates["loader_tokens"] / rates["raw_bin"], 3),
+        "ratio_tokens_loader_vs_raw_bin_median": round(median_rates["loader_tokens"] / median_rates["raw_bin"], 3),
+        "ratio_tokens_loader_vs_text_loader": round(rates["loader_tokens"] / rates["loader"], 3),
+        "ratio_tokens_loader_vs_text_loader_median": round(median_rates["loader_tokens"] / median_rates["loader"], 3),
     }
     (OUT / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| reader | tokens/s (best) | tokens/s (median) | × raw (best) | × raw (median) |")
@@ -191,6 +245,10 @@ def main() -> int:
               f"{median_rates[k] / median_rates['raw']:.2f} |")
     print(f"loader / datasets: {result['ratio_loader_vs_datasets']:.2f} (best), "
           f"{result['ratio_loader_vs_datasets_median']:.2f} (median)")
+    print(f"token-shard loader / raw .bin: {result['ratio_tokens_loader_vs_raw_bin']:.2f} (best), "
+          f"{result['ratio_tokens_loader_vs_raw_bin_median']:.2f} (median); token-shard loader / text loader: "
+          f"{result['ratio_tokens_loader_vs_text_loader']:.2f} (best), "
+          f"{result['ratio_tokens_loader_vs_text_loader_median']:.2f} (median)")
     print(f"{tokens} tokens from {result['rows']} documents in {len(files)} shards; load average "
           f"{load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end; "
           f"{result['seconds_total']} s of timed reading")

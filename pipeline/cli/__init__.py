@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.options import add_config_options
+from pipeline.cli.tokens import add_parsers as add_token_parsers
+from pipeline.cli.tokens import cmd_export, cmd_tokenize
 from pipeline.cli.train import add_parsers as add_train_parsers
 from pipeline.cli.train import cmd_average, cmd_train
 from pipeline.core.errors import ConfigError, CurriculumError
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("run_dir")
 
     add_train_parsers(sub)
+    add_token_parsers(sub)
     return parser
 
 
@@ -102,7 +105,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
-            "average": cmd_average}
+            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

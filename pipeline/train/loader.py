@@ -27,10 +27,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.io.runfolder import shard_files
 from pipeline.train.augment import masked_positions
+from pipeline.train.token_source import EOS, PROMPT, TARGET, TokenChunkStream, open_token_shards
 
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
-# What each token is (``_Chunk.kind``): only TARGET and EOS tokens are labels; only TARGET ones may be masked.
-PROMPT, TARGET, EOS = 0, 1, 2
 
 
 class Encoder:
@@ -203,6 +202,7 @@ class CurriculumLoader(IterableDataset):
         mask_ratio: float = 0.0,
         mask_token_id: int | None = None,
         mask_seed: int = 0,
+        token_shards: bool | None = None,
     ):
         if packing not in ("pack", "pad"):
             raise ConfigError(f"packing must be 'pack' or 'pad' (got {packing!r})")
@@ -220,6 +220,14 @@ class CurriculumLoader(IterableDataset):
         self.source = _Source(run_dir, columns)
         self.mask_ratio, self.mask_token_id, self.mask_seed = mask_ratio, mask_token_id, mask_seed
         self.encoder = Encoder(tokenizer)
+        # RUN_DIR/tokens (`curriculum tokenize`) when it matches: None = when present, False = never.
+        # Token shards hold one text column; prompt/response data is tokenized field by field.
+        if token_shards is False or prompt_column is not None:
+            self.tokens, self.tokens_reason = None, ("off" if token_shards is False else "prompt/response data")
+        else:
+            self.tokens, self.tokens_reason = open_token_shards(run_dir, tokenizer, text_column, self.source.rows)
+        if token_shards and self.tokens is None:
+            raise ConfigError(f"{run_dir}: cannot read the token shards: {self.tokens_reason}")
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
         self.max_epochs, self.chunk_rows = max_epochs, chunk_rows
@@ -247,7 +255,8 @@ class CurriculumLoader(IterableDataset):
 
     def _chunks(self, cursor: dict[str, int], in_worker: bool) -> Iterator[_Chunk]:
         split = self.num_workers > 0 and not in_worker
-        stream = _ChunkStream(self.source, self.encoder, cursor, self.chunk_rows, self.max_epochs, split)
+        stream = (TokenChunkStream(self.tokens, cursor, self.chunk_rows, self.max_epochs, split) if self.tokens is not None
+                  else _ChunkStream(self.source, self.encoder, cursor, self.chunk_rows, self.max_epochs, split))
         if split:
             from torch.utils.data import DataLoader
 

@@ -1,0 +1,101 @@
+"""The curriculum loader's token-shard source: chunks sliced from ``RUN_DIR/tokens`` instead of tokenized.
+
+``curriculum tokenize`` wrote every document's ids followed by EOS, in ``position`` order, so a
+chunk of documents is one slice of a memory-mapped array; the loader packs, deals ranks and
+resumes exactly as with text. The token shards are used only when they match: the same text
+shards (sha256), the same text column, the same vocabulary and EOS as the loader's tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.core.errors import CurriculumError
+from pipeline.io.runfolder import read_manifest
+from pipeline.io.token_shards import FOLDER, TokenShards, vocab_sha256
+
+# What each token of a chunk is, for the loader's labels and masking: only TARGET and EOS tokens
+# are labels; only TARGET ones may be masked.
+PROMPT, TARGET, EOS = 0, 1, 2
+
+
+@dataclass
+class TokenChunk:
+    tokens: np.ndarray  # int32, each document followed by EOS
+    grow: np.ndarray  # int64, global row (epoch * rows + position) of each token
+    tpos: np.ndarray  # int32, index of each token inside its document (EOS included)
+    kind: np.ndarray  # int8, TARGET or EOS (token shards hold plain text: no PROMPT tokens)
+
+
+def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str, rows: int) -> tuple[TokenShards | None, str]:
+    """(the token shards, "") when they fit this run and tokenizer, else (None, why not)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / FOLDER / "manifest.json").is_file():
+        return None, "no token shards"
+    shards = TokenShards(run_dir)
+    m = shards.manifest
+    vocab_sha = vocab_sha256(tokenizer.get_vocab())
+    text_sha = [s["sha256"] for s in read_manifest(run_dir).get("shards", [])]
+    checks = {
+        "the text shards changed since `curriculum tokenize`": [e.get("source_sha256") for e in shards.entries] == text_sha,
+        "another text column": m.get("text_column", "text") == text_column,
+        "another vocabulary": m["tokenizer"]["vocab_sha256"] == vocab_sha,
+        "another separator than the tokenizer's EOS": shards.sep == tokenizer.eos_token_id,
+        "another row count": shards.rows == rows,
+    }
+    failed = [why for why, ok in checks.items() if not ok]
+    return (None, "; ".join(failed)) if failed else (shards, "")
+
+
+class TokenChunkStream(IterableDataset):
+    """Chunks of ``chunk_rows`` documents from a cursor; in DataLoader worker w of W, chunks c % W == w."""
+
+    def __init__(self, shards: TokenShards, cursor: dict[str, int], chunk_rows: int, max_epochs: int | None,
+                 split: bool):
+        self.shards, self.cursor, self.chunk_rows = shards, cursor, chunk_rows
+        self.max_epochs, self.split = max_epochs, split
+        self.starts = np.cumsum([0, *(e["rows"] for e in shards.entries)])
+
+    def __iter__(self) -> Iterator[TokenChunk]:
+        info = get_worker_info() if self.split else None
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rows = int(self.starts[-1])
+        epoch, row, offset = self.cursor["epoch"], self.cursor["row"], self.cursor["offset"]
+        if not 0 <= row < rows:
+            raise CurriculumError(f"loader state: row {row} is outside the run's {rows} rows")
+        index = 0
+        while self.max_epochs is None or epoch < self.max_epochs:
+            first = int(np.searchsorted(self.starts, row, side="right") - 1)
+            for k in range(first, len(self.shards)):
+                shard = self.shards.shard(k)
+                ends = np.asarray(shard.ends)
+                base = int(self.starts[k])
+                for i in range(row - base if k == first else 0, shard.rows, self.chunk_rows):
+                    j = min(i + self.chunk_rows, shard.rows)
+                    if index % workers == worker:
+                        yield self._chunk(shard, ends, i, j, base, epoch, rows, offset if index == 0 else 0)
+                    index += 1
+            epoch, row = epoch + 1, 0
+
+    @staticmethod
+    def _chunk(shard: Any, ends: np.ndarray, i: int, j: int, base: int, epoch: int, rows: int, skip: int) -> TokenChunk:
+        if int(shard.positions[i]) != base + i or int(shard.positions[j - 1]) != base + j - 1:
+            raise CurriculumError(f"token shards: positions {int(shard.positions[i])}…{int(shard.positions[j - 1])} "
+                                  f"where {base + i}…{base + j - 1} were expected")
+        a = int(ends[i - 1]) if i else 0
+        lengths = np.diff(ends[i:j], prepend=a)
+        tokens = shard.tokens[a:int(ends[j - 1])].astype(np.int32)
+        grow = np.repeat(np.arange(base + i, base + j, dtype=np.int64) + epoch * rows, lengths)
+        starts = np.cumsum(lengths) - lengths
+        tpos = (np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+        kind = np.full(len(tokens), TARGET, dtype=np.int8)
+        kind[np.cumsum(lengths) - 1] = EOS
+        if skip:
+            tokens, grow, tpos, kind = tokens[skip:], grow[skip:], tpos[skip:], kind[skip:]
+        return TokenChunk(tokens, grow, tpos, kind)
