@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.token_shards import TokenShards, sha256_file
+from pipeline.core.hashing import sha256_file
+from pipeline.io.token_shards import TokenShards
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

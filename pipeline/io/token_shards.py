@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.core.files import read_json_or_none, write_json_atomic
+from pipeline.core.hashing import sha256_file
 
 FORMAT = "curriculum-token-shards"
 VERSION = 1
@@ -43,14 +44,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def vocab_sha256(vocab: dict[str, int]) -> str:
     """A tokenizer's identity for the manifest: sha256 of its sorted (token, id) pairs."""
     return hashlib.sha256(json.dumps(sorted(vocab.items()), separators=(",", ":")).encode()).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

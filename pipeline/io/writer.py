@@ -12,7 +12,6 @@ The bytes of a shard depend only on its rows: the column order is fixed (``id``,
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.core.errors import CurriculumError
+from pipeline.core.hashing import sha256_file
 
 CONTRACT_COLUMNS = ("id", "text", "position")
 
@@ -43,14 +43,6 @@ def shard_schema(schema: pa.Schema, drop: set[str] | None = None) -> pa.Schema:
         field_type = pa.string() if pa.types.is_large_string(f.type) else f.type
         ordered.append(pa.field(f.name, field_type))
     return pa.schema(ordered)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_one_shard(group: pa.Table, folder: str, schema: pa.Schema, compression: str) -> pa.Table:
@@ -75,7 +67,7 @@ def _write_one_shard(group: pa.Table, folder: str, schema: pa.Schema, compressio
             "index": [index],
             "path": [f"shards/{name}"],
             "rows": [table.num_rows],
-            "sha256": [_sha256(final)],
+            "sha256": [sha256_file(final)],
             "first_position": [int(table["position"][0].as_py())],
             "last_position": [int(table["position"][-1].as_py())],
         }
