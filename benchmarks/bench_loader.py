@@ -26,6 +26,11 @@ Token shards (issue 16), in the same run: the tokenizer is saved and ``curriculu
 - ``raw_bin``: ``np.memmap`` of the ``.bin`` file cut into the same batches: the limit of any
   reader of pre-tokenized data.
 
+The token pair is timed twice: over one epoch, beside the text readers, and over
+``--token-epochs`` epochs (the same stream repeated, packed across the epoch boundaries), where
+one pass of either takes a few milliseconds and the loader's fixed cost (opening and checking the
+token shards against the run and the tokenizer) would otherwise be most of what is measured.
+
 Each reader is timed from opening the data to its last batch, in this process, one after the
 other; the order rotates between repeats. The best and the median of ``--repeats`` are reported.
 Targets: loader >= 0.8 x raw; loader_tokens >= 0.8 x raw_bin and >= 3 x loader (tokens/s, CPU).
@@ -105,12 +110,13 @@ def pack(texts: Iterable[list[str]], encoder: Encoder, seq_len: int, batch_size:
     return pack_tokens(encoded(texts, encoder), encoder.pad, seq_len, batch_size)
 
 
-def raw_bin(path: Path, dtype: str, seq_len: int, batch_size: int) -> Iterator[np.ndarray]:
-    """The Megatron .bin file, memory-mapped, in slices of whole batches."""
+def raw_bin(path: Path, dtype: str, seq_len: int, batch_size: int, epochs: int = 1) -> Iterator[np.ndarray]:
+    """The Megatron .bin file, memory-mapped, in slices of whole batches, ``epochs`` times over."""
     data = np.memmap(path, dtype=dtype, mode="r")
     size = seq_len * batch_size * 64
-    for start in range(0, len(data), size):
-        yield data[start:start + size].astype(np.int64)
+    for _ in range(epochs):
+        for start in range(0, len(data), size):
+            yield data[start:start + size].astype(np.int64)
 
 
 def pack_tokens(arrays: Iterable[np.ndarray], pad: int, seq_len: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -157,6 +163,19 @@ def consume(batches: Iterable[dict[str, torch.Tensor]]) -> tuple[int, int]:
     return tokens, crc
 
 
+def time_readers(readers: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, tuple[int, int]]]:
+    """Seconds of every pass of every reader (the order rotates between repeats) and what each read."""
+    timings: dict[str, list[float]] = {name: [] for name in readers}
+    results: dict[str, tuple[int, int]] = {}
+    names = list(readers)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate who goes first
+            t0 = time.perf_counter()
+            results[name] = consume(readers[name]())
+            timings[name].append(time.perf_counter() - t0)
+    return timings, results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="an existing run folder (default: build one)")
@@ -166,6 +185,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--chunk-rows", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="also time the loader with this many tokenizer workers")
+    parser.add_argument("--token-epochs", type=int, default=10, help="epochs of the second token-shard comparison")
     parser.add_argument("--quick", action="store_true", help="1000 documents, 2 repeats")
     args = parser.parse_args()
     if args.quick:
@@ -194,24 +214,28 @@ def main() -> int:
                                                   token_shards=True),
         "raw_bin": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B), encoder.pad, L, B),
     }
+    epochs = args.token_epochs
+    token_readers = {
+        f"loader_tokens_{epochs}_epochs": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=epochs,
+                                                                   chunk_rows=rows, token_shards=True),
+        f"raw_bin_{epochs}_epochs": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B, epochs), encoder.pad, L, B),
+    }
     if args.workers:
         readers[f"loader_{args.workers}_workers"] = lambda: CurriculumLoader(
             run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, num_workers=args.workers, token_shards=False)
     load_start = os.getloadavg()
-    timings: dict[str, list[float]] = {name: [] for name in readers}
-    results: dict[str, tuple[int, int]] = {}
-    names = list(readers)
     started = time.perf_counter()
-    for repeat in range(args.repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            results[name] = consume(readers[name]())
-            timings[name].append(time.perf_counter() - t0)
-    if len(set(results.values())) != 1:
-        raise SystemExit(f"the readers' batches differ (tokens, CRC of input_ids): {results}")
-    tokens = results["raw"][0]
+    timings, results = time_readers(readers, args.repeats)
+    token_timings, token_results = time_readers(token_readers, args.repeats)
+    for group in (results, token_results):
+        if len(set(group.values())) != 1:
+            raise SystemExit(f"the readers' batches differ (tokens, CRC of input_ids): {group}")
+    tokens, epoch_tokens = results["raw"][0], token_results[f"raw_bin_{epochs}_epochs"][0]
     rates = {k: tokens / min(v) for k, v in timings.items()}
     median_rates = {k: tokens / float(np.median(v)) for k, v in timings.items()}
+    token_rates = {k: epoch_tokens / min(v) for k, v in token_timings.items()}
+    token_median_rates = {k: epoch_tokens / float(np.median(v)) for k, v in token_timings.items()}
+    many, bin_many = f"loader_tokens_{epochs}_epochs", f"raw_bin_{epochs}_epochs"
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU, python {platform.python_version()}",
         "load_average_start": load_start,
@@ -236,6 +260,13 @@ def main() -> int:
         "ratio_tokens_loader_vs_raw_bin_median": round(median_rates["loader_tokens"] / median_rates["raw_bin"], 3),
         "ratio_tokens_loader_vs_text_loader": round(rates["loader_tokens"] / rates["loader"], 3),
         "ratio_tokens_loader_vs_text_loader_median": round(median_rates["loader_tokens"] / median_rates["loader"], 3),
+        "token_epochs": epochs,
+        "token_epochs_tokens": epoch_tokens,
+        "token_epochs_seconds": token_timings,
+        "token_epochs_tokens_per_second": {k: round(v) for k, v in token_rates.items()},
+        "token_epochs_tokens_per_second_median": {k: round(v) for k, v in token_median_rates.items()},
+        "ratio_tokens_loader_vs_raw_bin_epochs": round(token_rates[many] / token_rates[bin_many], 3),
+        "ratio_tokens_loader_vs_raw_bin_epochs_median": round(token_median_rates[many] / token_median_rates[bin_many], 3),
     }
     (OUT / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| reader | tokens/s (best) | tokens/s (median) | × raw (best) | × raw (median) |")
@@ -249,6 +280,10 @@ def main() -> int:
           f"{result['ratio_tokens_loader_vs_raw_bin_median']:.2f} (median); token-shard loader / text loader: "
           f"{result['ratio_tokens_loader_vs_text_loader']:.2f} (best), "
           f"{result['ratio_tokens_loader_vs_text_loader_median']:.2f} (median)")
+    print(f"over {epochs} epochs ({epoch_tokens} tokens): " + ", ".join(
+        f"{k} {token_rates[k]:,.0f} tok/s (best), {token_median_rates[k]:,.0f} (median)" for k in token_readers))
+    print(f"token-shard loader / raw .bin over {epochs} epochs: {result['ratio_tokens_loader_vs_raw_bin_epochs']:.2f} "
+          f"(best), {result['ratio_tokens_loader_vs_raw_bin_epochs_median']:.2f} (median)")
     print(f"{tokens} tokens from {result['rows']} documents in {len(files)} shards; load average "
           f"{load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end; "
           f"{result['seconds_total']} s of timed reading")

@@ -8,6 +8,7 @@ back by a reader written here from Megatron's format description.
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 import struct
 from pathlib import Path
@@ -73,7 +74,11 @@ def test_bpe_round_trip_in_curriculum_order(run_dir: Path, bpe_run: dict) -> Non
         assert tok.decode(ids[:-1].tolist()) == text  # byte-level BPE: the exact text back
     assert shards.total_tokens == bpe_run["tokens"] == sum(len(ids) for _, ids in docs)
     shard = shards.shard(1)
-    assert isinstance(shard.tokens, np.memmap) and int(shard.positions[0]) == 40  # mapped, not read
+    base = shard.tokens
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(getattr(base, "obj", base), mmap.mmap) and int(shard.positions[0]) == 40  # mapped, not read
+    assert not shard.tokens.flags.writeable
 
 
 def test_wordpiece_round_trip(run_dir: Path, tmp_path: Path, ray_address: str) -> None:
@@ -185,8 +190,9 @@ def test_loader_reads_token_shards_like_text(run_dir: Path, bpe_run: dict) -> No
     from pipeline.train.loader import CurriculumLoader
 
     tok = load_tokenizer(str(run_dir / "tokens" / "tokenizer"))
-    for packing, rank in (("pack", 0), ("pad", 1)):
-        kwargs = {"packing": packing, "world_size": 2, "rank": rank, "max_epochs": 2, "chunk_rows": 7}
+    # One rank reads packed batches in blocks; two ranks read theirs one by one; pad takes chunks.
+    for packing, world, rank in (("pack", 1, 0), ("pack", 2, 0), ("pad", 2, 1)):
+        kwargs = {"packing": packing, "world_size": world, "rank": rank, "max_epochs": 2, "chunk_rows": 7}
         text = CurriculumLoader(run_dir, tok, 32, 3, token_shards=False, **kwargs)
         tokens = CurriculumLoader(run_dir, tok, 32, 3, token_shards=True, **kwargs)
         assert text.tokens is None and tokens.tokens is not None
@@ -212,3 +218,20 @@ def test_loader_refuses_token_shards_of_another_tokenizer(run_dir: Path, bpe_run
     assert auto.tokens is None and "another vocabulary" in auto.tokens_reason  # falls back to tokenizing text
     with pytest.raises(ConfigError, match="another vocabulary"):
         CurriculumLoader(run_dir, other, 32, 2, token_shards=True)
+
+
+def test_map_npy_maps_what_np_load_reads_and_refuses_a_cut_file(tmp_path: Path) -> None:
+    from pipeline.io.token_shards import map_npy
+
+    arrays = {"flat": np.arange(7, dtype=np.uint16), "index": np.arange(10, dtype=np.int64).reshape(5, 2),
+              "empty": np.empty((0, 2), np.int64), "fortran": np.asfortranarray(np.arange(6).reshape(2, 3)),
+              "big_endian": np.arange(4, dtype=">u4")}
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        mapped = map_npy(tmp_path / f"{name}.npy")
+        assert mapped.dtype == array.dtype and mapped.shape == array.shape and np.array_equal(mapped, array), name
+        assert not mapped.flags.writeable, name
+    path = tmp_path / "flat.npy"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(CurriculumError, match="cut short"):
+        map_npy(path)

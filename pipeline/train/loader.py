@@ -27,35 +27,50 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.io.runfolder import shard_files
 from pipeline.train.augment import masked_positions
-from pipeline.train.token_source import EOS, PROMPT, TARGET, TokenChunkStream, open_token_shards
+from pipeline.train.token_source import (
+    EOS,
+    PROMPT,
+    TARGET,
+    PackedTokenStream,
+    TokenChunkStream,
+    open_token_shards,
+)
 
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
 
 
 class Encoder:
-    """Text -> token ids, through the fast (Rust) tokenizer when there is one. Picklable."""
+    """Text -> token ids, through the fast (Rust) tokenizer when there is one. Picklable.
+
+    The fast tokenizer's copy is made on the first ``encode``: a loader that reads token shards
+    never tokenizes and does not pay for it.
+    """
 
     def __init__(self, tokenizer: Any):
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ConfigError("the tokenizer has no EOS token; the loader separates documents with it")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
+        self.tokenizer = tokenizer
+        self.backend: Any = None
+
+    def _fast_backend(self) -> Any:
+        if self.backend is None and getattr(self.tokenizer, "backend_tokenizer", None) is not None:
             from tokenizers import Tokenizer
 
             # A copy without truncation/padding: a saved tokenizer may carry either, and the
             # loader must see every token of every document.
-            backend = Tokenizer.from_str(backend.to_str())
+            backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
             backend.no_truncation()
             backend.no_padding()
-        self.backend = backend
-        self.tokenizer = None if backend is not None else tokenizer
+            self.backend = backend
+        return self.backend
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.backend is not None:
+        backend = self._fast_backend()
+        if backend is not None:
             # encode_batch_fast skips the character offsets, which the loader never uses.
-            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             return [e.ids for e in encode(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -66,6 +81,22 @@ class _Chunk:
     grow: np.ndarray  # int64, global row (epoch * rows + position) of each token
     tpos: np.ndarray  # int32, index of each token inside its document (EOS included)
     kind: np.ndarray  # int8, PROMPT, TARGET or EOS
+
+
+@dataclass
+class _Packed:
+    """One packed batch from token shards: global tokens ``begin``…``end`` − 1, or those tokens already read."""
+
+    stream: PackedTokenStream | None
+    begin: int
+    end: int
+    tokens: np.ndarray | None = None  # int64
+    positions: np.ndarray | None = None
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.tokens is None:
+            return self.stream.read(self.begin, self.end)
+        return self.tokens, self.positions
 
 
 def _tokenize_chunk(encoder: Encoder, fields: list[list[str]], epoch: int, row0: int, rows: int, skip: int) -> _Chunk:
@@ -216,18 +247,23 @@ class CurriculumLoader(IterableDataset):
             raise ConfigError(f"mask_ratio must be in [0, 1) (got {mask_ratio})")
         if mask_ratio > 0 and (mask_token_id is None or prompt_column is None):
             raise ConfigError("masking needs a mask_token_id and prompt/response data (it masks responses only)")
-        columns = [text_column] if prompt_column is None else [prompt_column, response_column]
-        self.source = _Source(run_dir, columns)
+        self.columns = [text_column] if prompt_column is None else [prompt_column, response_column]
+        self.run_dir = run_dir
         self.mask_ratio, self.mask_token_id, self.mask_seed = mask_ratio, mask_token_id, mask_seed
         self.encoder = Encoder(tokenizer)
         # RUN_DIR/tokens (`curriculum tokenize`) when it matches: None = when present, False = never.
         # Token shards hold one text column; prompt/response data is tokenized field by field.
+        # With matching token shards the text shards are never opened.
         if token_shards is False or prompt_column is not None:
             self.tokens, self.tokens_reason = None, ("off" if token_shards is False else "prompt/response data")
         else:
-            self.tokens, self.tokens_reason = open_token_shards(run_dir, tokenizer, text_column, self.source.rows)
+            self.tokens, self.tokens_reason = open_token_shards(run_dir, tokenizer, text_column)
         if token_shards and self.tokens is None:
             raise ConfigError(f"{run_dir}: cannot read the token shards: {self.tokens_reason}")
+        self.source = _Source(run_dir, self.columns) if self.tokens is None else None
+        self._rows = self.tokens.rows if self.tokens is not None else self.source.rows
+        if self._rows == 0:
+            raise CurriculumError(f"{run_dir}: the shards hold no rows; there is nothing to train on")
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
         self.max_epochs, self.chunk_rows = max_epochs, chunk_rows
@@ -236,7 +272,7 @@ class CurriculumLoader(IterableDataset):
     @property
     def rows(self) -> int:
         """Documents per epoch."""
-        return self.source.rows
+        return self._rows
 
     # ------------------------------------------------------------------ state
 
@@ -266,7 +302,7 @@ class CurriculumLoader(IterableDataset):
             yield from stream
 
     def _cursor(self, grow: int, tpos: int) -> dict[str, int]:
-        return {"epoch": int(grow // self.source.rows), "row": int(grow % self.source.rows), "offset": int(tpos)}
+        return {"epoch": int(grow // self._rows), "row": int(grow % self._rows), "offset": int(tpos)}
 
     def _global_batches(self, start: dict[str, int], in_worker: bool) -> Iterator[tuple[int, _Chunk, dict[str, int]]]:
         """(b, its tokens, cursor after) for every global batch from ``start`` on."""
@@ -305,10 +341,58 @@ class CurriculumLoader(IterableDataset):
             b += 1
             tok, grow, tpos, kind = tok[end:], grow[end:], tpos[end:], kind[end:]
 
-    def _materialize(self, chunk: _Chunk) -> dict[str, torch.Tensor]:
+    def _packed_batches(self, start: dict[str, int], block: int) -> Iterator[tuple[int, _Packed, dict[str, int]]]:
+        """What ``_global_batches`` gives, for packed token shards: (b, its tokens, cursor after).
+
+        No tokenizing, so no DataLoader workers either: a batch is a slice of a memory map. The
+        batches are read ``block`` at a time (one copy, one binary search for all their cursors);
+        a rank that keeps only some of the batches reads them one by one.
+        """
+        stream = PackedTokenStream(self.tokens)
+        size = self.seq_len * self.batch_size
+        last = None if self.max_epochs is None else self.max_epochs * stream.tokens_per_epoch
+        b, begin = start["batch"], stream.token_index(start)
+        while last is None or begin < last:
+            ends = begin + size * np.arange(1, block + 1, dtype=np.int64)
+            if last is not None:
+                ends = np.minimum(ends[:int(np.searchsorted(ends, last)) + 1], last)
+            # The batch that reaches the end of a finite stream gets END, as in _global_batches.
+            afters = stream.cursors(ends[:-1] if last is not None and ends[-1] == last else ends)
+            afters += [dict(END)] * (len(ends) - len(afters))
+            if block == 1:
+                payloads = [_Packed(stream, begin, int(ends[0]))]
+            else:
+                tokens, positions = stream.read(begin, int(ends[-1]))
+                cuts = [0, *(ends - begin).tolist()]
+                payloads = [_Packed(None, 0, 0, tokens[i:j], positions[i:j]) for i, j in zip(cuts, cuts[1:])]
+            for payload, after in zip(payloads, afters):
+                yield b, payload, after
+                b += 1
+            begin = int(ends[-1])
+
+    def _materialize_packed(self, packed: _Packed) -> dict[str, torch.Tensor]:
+        L = self.seq_len
+        tokens, positions = packed.read()
+        rows = -(-len(tokens) // L)
+        if len(tokens) < rows * L:  # the tail: pad the last row
+            ids = np.full(rows * L, self.encoder.pad, np.int64)
+            pos = np.full(rows * L, -1, np.int64)
+            ids[:len(tokens)], pos[:len(tokens)] = tokens, positions
+            labels, mask = np.where(pos >= 0, ids, -100), (pos >= 0).astype(np.int64)
+            return {"input_ids": torch.from_numpy(ids.reshape(rows, L)),
+                    "attention_mask": torch.from_numpy(mask.reshape(rows, L)),
+                    "labels": torch.from_numpy(labels.reshape(rows, L)),
+                    "positions": torch.from_numpy(pos.reshape(rows, L))}
+        ids = torch.from_numpy(tokens.reshape(rows, L))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                "positions": torch.from_numpy(positions.reshape(rows, L))}
+
+    def _materialize(self, chunk: _Chunk | _Packed) -> dict[str, torch.Tensor]:
+        if isinstance(chunk, _Packed):
+            return self._materialize_packed(chunk)
         L = self.seq_len
         tok, grow, tpos = chunk.tokens, chunk.grow, chunk.tpos
-        positions_flat = grow % self.source.rows
+        positions_flat = grow % self._rows
         inputs = tok
         if self.mask_ratio > 0:  # labels keep the original tokens; only the inputs change
             hidden = masked_positions(chunk.kind == TARGET, grow, tpos, self.mask_seed, self.mask_ratio)
@@ -348,7 +432,12 @@ class CurriculumLoader(IterableDataset):
         world, rank = self.world_size, self.rank
         pending = None  # this rank's batch of the current round, if this worker yields it
         local = 0  # this rank's batches so far
-        for b, chunk, after in self._global_batches(start, in_worker):
+        if self.tokens is not None and self.packing == "pack":
+            # Read ahead in blocks only when every batch read is this process's to yield.
+            batches = self._packed_batches(start, block=64 if world * dl_workers == 1 else 1)
+        else:
+            batches = self._global_batches(start, in_worker)
+        for b, chunk, after in batches:
             if b % world == rank:
                 pending = (b, chunk) if local % dl_workers == dl_worker else None
                 local += 1

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import CurriculumError
 from pipeline.io.runfolder import read_manifest
-from pipeline.io.token_shards import FOLDER, TokenShards, vocab_sha256
+from pipeline.io.token_shards import FOLDER, TokenShard, TokenShards, vocab_sha256
 
 # What each token of a chunk is, for the loader's labels and masking: only TARGET and EOS tokens
 # are labels; only TARGET ones may be masked.
@@ -33,8 +33,13 @@ class TokenChunk:
     kind: np.ndarray  # int8, TARGET or EOS (token shards hold plain text: no PROMPT tokens)
 
 
-def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str, rows: int) -> tuple[TokenShards | None, str]:
-    """(the token shards, "") when they fit this run and tokenizer, else (None, why not)."""
+def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str,
+                      rows: int | None = None) -> tuple[TokenShards | None, str]:
+    """(the token shards, "") when they fit this run and tokenizer, else (None, why not).
+
+    The text shards' sha256 (the run manifest against the token manifest) proves the token shards
+    were made from these rows; ``rows``, when given, is checked too.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / FOLDER / "manifest.json").is_file():
         return None, "no token shards"
@@ -47,7 +52,7 @@ def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str, row
         "another text column": m.get("text_column", "text") == text_column,
         "another vocabulary": m["tokenizer"]["vocab_sha256"] == vocab_sha,
         "another separator than the tokenizer's EOS": shards.sep == tokenizer.eos_token_id,
-        "another row count": shards.rows == rows,
+        "another row count": rows is None or shards.rows == rows,
     }
     failed = [why for why, ok in checks.items() if not ok]
     return (None, "; ".join(failed)) if failed else (shards, "")
@@ -99,3 +104,86 @@ class TokenChunkStream(IterableDataset):
         if skip:
             tokens, grow, tpos, kind = tokens[skip:], grow[skip:], tpos[skip:], kind[skip:]
         return TokenChunk(tokens, grow, tpos, kind)
+
+
+class PackedTokenStream:
+    """Pack-mode batches straight from the token shards: global token ranges, no per-token bookkeeping.
+
+    Epoch ``e`` of the stream is token ``e * tokens_per_epoch`` onwards; a batch is a range of it.
+    The cursor ``{epoch, row, offset}`` and a token index convert both ways through the shards'
+    document ends, so batches, cursors and positions are those of the chunked route (the tests
+    compare them), at the cost of two binary searches per batch instead of arrays per token.
+    """
+
+    def __init__(self, shards: TokenShards):
+        self.shards = shards
+        self.token_starts = np.cumsum([0, *(e["tokens"] for e in shards.entries)])
+        self.row_starts = np.cumsum([0, *(e["rows"] for e in shards.entries)])
+        self.tokens_per_epoch = int(self.token_starts[-1])
+        self.rows = int(self.row_starts[-1])
+        self._open: dict[int, TokenShard] = {}
+
+    def _shard(self, k: int) -> TokenShard:
+        shard = self._open.get(k)
+        if shard is None:
+            shard = self.shards.shard(k)
+            # Contiguous copies of the per-document columns (one int64 per document): binary
+            # searches on the strided index would copy it at every call.
+            shard = TokenShard(shard.tokens, np.ascontiguousarray(shard.positions), np.ascontiguousarray(shard.ends))
+            positions = shard.positions
+            base = int(self.row_starts[k])
+            if shard.rows and (positions[0] != base or np.any(np.diff(positions) != 1)):
+                raise CurriculumError(f"token shards: {self.shards.entries[k]['tokens_path']} does not hold positions "
+                                      f"{base}…{base + shard.rows - 1} in order")
+            self._open[k] = shard
+        return shard
+
+    def _locate(self, within: int) -> tuple[int, int]:
+        """(shard, token inside it) of a token index inside an epoch; empty shards are skipped."""
+        k = int(np.searchsorted(self.token_starts, within, side="right") - 1)
+        return k, within - int(self.token_starts[k])
+
+    def token_index(self, cursor: dict[str, int]) -> int:
+        row = cursor["row"]
+        if not 0 <= row < self.rows:
+            raise CurriculumError(f"loader state: row {row} is outside the run's {self.rows} rows")
+        k = int(np.searchsorted(self.row_starts, row, side="right") - 1)
+        i = row - int(self.row_starts[k])
+        doc_start = int(self._shard(k).ends[i - 1]) if i else 0
+        return cursor["epoch"] * self.tokens_per_epoch + int(self.token_starts[k]) + doc_start + cursor["offset"]
+
+    def cursors(self, ts: np.ndarray) -> list[dict[str, int]]:
+        """The cursor of each global token in ``ts``: its epoch, document (row) and index inside it."""
+        epochs, within = np.divmod(np.asarray(ts, dtype=np.int64), self.tokens_per_epoch)
+        shards = np.searchsorted(self.token_starts, within, side="right") - 1
+        local = within - self.token_starts[shards]
+        rows, offsets = np.empty_like(local), np.empty_like(local)
+        for k in dict.fromkeys(shards.tolist()):  # a block of batches spans one or two shards
+            here = shards == k
+            ends = self._shard(k).ends
+            docs = np.searchsorted(ends, local[here], side="right")
+            doc_starts = np.where(docs > 0, ends[np.maximum(docs - 1, 0)], 0)
+            rows[here] = docs + self.row_starts[k]
+            offsets[here] = local[here] - doc_starts
+        return [{"epoch": e, "row": r, "offset": o} for e, r, o in zip(epochs.tolist(), rows.tolist(), offsets.tolist())]
+
+    def read(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids as int64, each token's position) of global tokens ``start``…``end`` − 1."""
+        tokens, positions = [], []
+        while start < end:
+            epoch_start = start - start % self.tokens_per_epoch
+            k, a = self._locate(start - epoch_start)
+            shard = self._shard(k)
+            b = min(a + end - start, len(shard.tokens))
+            tokens.append(shard.tokens[a:b])
+            first = int(np.searchsorted(shard.ends, a, side="right"))
+            last = int(np.searchsorted(shard.ends, b - 1, side="right"))
+            doc_ends = np.minimum(shard.ends[first:last + 1], b)
+            counts = doc_ends.copy()
+            counts[1:] -= doc_ends[:-1]
+            counts[0] -= a
+            positions.append(np.repeat(np.arange(first, last + 1, dtype=np.int64) + int(self.row_starts[k]), counts))
+            start += b - a
+        if len(tokens) == 1:
+            return tokens[0].astype(np.int64), positions[0]
+        return np.concatenate(tokens).astype(np.int64), np.concatenate(positions)
