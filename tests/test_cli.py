@@ -97,8 +97,8 @@ def test_an_unreadable_input_file_exits_1_naming_the_file(cli, tmp_path, kind):
 
 def test_scored_curriculum_gives_the_same_shards_with_one_or_two_cpus(cli, tmp_path):
     """The tiny.yaml pipeline in small: a reference LM, the classifier and the composite order,
-    each run starting its own local Ray with a different CPU count. Model training, actor pools
-    and block layouts differ with the CPU count; the bytes may not. (Layout independence of
+    on the session's 2-CPU cluster and on a local Ray of its own with 1 CPU. Model training, actor
+    pools and block layouts differ with the CPU count; the bytes may not. (Layout independence of
     every order strategy alone is a property test in test_order_properties.py.)"""
     reference = {"max_docs": 300, "vocab_size": 512, "steps": 20, "seq_len": 64, "batch_size": 8,
                  "model": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}}
@@ -112,7 +112,7 @@ def test_scored_curriculum_gives_the_same_shards_with_one_or_two_cpus(cli, tmp_p
     hashes = []
     for cpus in (1, 2):
         out = tmp_path / f"cpus{cpus}"
-        result = cli("run", str(config), "--out", str(out), "--set", f"ray.num_cpus={cpus}", join_cluster=False)
+        result = cli("run", str(config), "--out", str(out), "--set", f"ray.num_cpus={cpus}", join_cluster=cpus == 2)
         assert result.returncode == 0, result.stderr[-2000:]
         hashes.append(shard_hashes(out))
         columns = pq.read_schema(next(out.glob("shards/*.parquet"))).names
