@@ -19,6 +19,7 @@ from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
 from pipeline.engine.runner import run_pipeline
 from pipeline.engine.select import rounds_table
+from pipeline.engine.verify import verify_run
 from pipeline.io.synth import write_synthetic
 from pipeline.io.synth_reasoning import held_out_path
 
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
     inspect.add_argument("run_dir")
+
+    verify = sub.add_parser("verify", help="recheck a run folder against its manifest: every shard's sha256 and rows, "
+                            "the quarantine, the stage cache and token shards; exit 1 naming each damaged file")
+    verify.add_argument("run_dir")
 
     add_train_parsers(sub)
     add_token_parsers(sub)
@@ -104,7 +109,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
+def _cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_run(Path(args.run_dir))
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"DAMAGED {problem}")
+    state = "whole" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{report.run_dir}: {report.checked} file(s) checked, {state}")
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"run": _cmd_run, "verify": _cmd_verify,
+            "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
             "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export}
 
 

@@ -25,3 +25,13 @@ def expand_input_paths(path: str, fmt: str) -> list[str]:
     if suffixes is not None and p.is_dir():
         candidates = [f for f in candidates if f.endswith(suffixes)]
     return sorted(candidates)
+
+
+def ignored_input_files(path: str, fmt: str) -> list[str]:
+    """Files in a folder ``path`` that ``expand_input_paths`` skips because their names do not end in
+    the format's suffixes (a folder of mixed formats). Hidden files are skipped silently."""
+    p = Path(path)
+    if fmt == "text" or not p.is_dir():
+        return []
+    read = set(expand_input_paths(path, fmt))
+    return sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and str(f) not in read)

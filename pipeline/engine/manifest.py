@@ -33,6 +33,7 @@ def build_manifest(
     order: dict[str, Any],
     seconds: float,
     select: dict[str, Any] | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest; ``select`` (the info of ``curriculum select``'s step) becomes its ``select``
     section, and that step's entry under ``stages`` points there instead of repeating it."""
@@ -41,7 +42,9 @@ def build_manifest(
     for r in stage_records:
         info = {"see": "the manifest's select section"} if select is not None and r["name"] == "select" else r.get("info")
         stages.append(
-            {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds", "cached", "key")}
+            {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds")}
+            | {"rows_per_second": rows_per_second(r.get("rows_in"), r.get("seconds"))}
+            | {k: r.get(k) for k in ("cached", "key")}
             | ({"dropped_by": r["dropped_by"]} if r.get("dropped_by") else {})
             | ({"added_by": r["added_by"]} if r.get("added_by") else {})
             | ({"info": info} if info else {}))
@@ -64,7 +67,17 @@ def build_manifest(
         "order": order,
         "artifacts": {k: v for r in stage_records for k, v in (r.get("artifacts") or {}).items()},
         "seconds": round(seconds, 3),
-    } | ({"select": select} if select is not None else {})
+    } | ({"timing": timing} if timing is not None else {}) | ({"select": select} if select is not None else {})
+
+
+def rows_per_second(rows: int | None, seconds: float | None) -> float | None:
+    """Throughput of a step: rows in over its wall time (None when it took no measurable time)."""
+    return round(rows / seconds, 1) if rows is not None and seconds else None
+
+
+def step_timing(rows: int, seconds: float, cached: bool) -> dict[str, Any]:
+    """A ``timing`` entry: the step's rows, wall time and throughput, and whether the cache served it."""
+    return {"rows": rows, "seconds": seconds, "rows_per_second": rows_per_second(rows, seconds), "cached": cached}
 
 
 def check_balance(counts: dict[str, int], stages: list[dict[str, Any]]) -> None:

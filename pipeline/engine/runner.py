@@ -25,11 +25,11 @@ from ray.data.context import ShuffleStrategy
 import pipeline
 from pipeline.core.errors import ConfigError, CurriculumError, StageError, UnreadableInputError, find_cause
 from pipeline.core.hashing import sha256_json
-from pipeline.core.paths import expand_input_paths
+from pipeline.core.paths import expand_input_paths, ignored_input_files
 from pipeline.core.ray_session import connect_ray
 from pipeline.engine.cache import StageCache, stage_key, stage_spec
 from pipeline.engine.config import Config
-from pipeline.engine.manifest import build_manifest, write_manifest
+from pipeline.engine.manifest import build_manifest, rows_per_second, step_timing, write_manifest
 from pipeline.engine.select import SelectStep
 from pipeline.io.ingest import ingest
 from pipeline.io.readers import read_input
@@ -109,7 +109,8 @@ def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log:
     stage_objects = _stage_objects(config, select, log)
     connect_ray(config.ray, address)
     with pipeline_data_context():
-        return _run(config, Path(out_dir), log, stage_objects)
+        # Absolute, because Ray tasks on other nodes write into it from their own working directory.
+        return _run(config, Path(out_dir).resolve(), log, stage_objects)
 
 
 def _stage_objects(config: Config, select: bool, log: Log) -> list[Stage]:
@@ -140,9 +141,15 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
     read_key = sha256_json({"stage": "read", "input": config.input.model_dump(mode="json"), "seed": seed,
                             "files": _input_fingerprint(config), "version": pipeline.__version__})
     read_dir = cache.folder(0, "read", read_key)
-    read_record = cache.record(read_dir)
+    read_record = cache.record(read_dir, log)
+    read_cached = read_record is not None
     if read_record is None:
         t0 = time.time()
+        if config.input.path and config.input.format in ("jsonl", "parquet"):
+            skipped = ignored_input_files(config.input.path, config.input.format)
+            if skipped:
+                log(f"[read] {len(skipped)} file(s) in {config.input.path} are not {config.input.format} by name and "
+                    f"are not read: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
         try:
             parsed = read_input(config.input, seed, parallelism)
             result = ingest(parsed.materialize())
@@ -151,6 +158,9 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
             if unreadable is None:
                 raise
             raise CurriculumError(str(unreadable).splitlines()[0]) from None
+        if result.input_rows == 0:
+            raise CurriculumError(f"input: no records in {config.input.path or config.input.format!r} "
+                                  "(empty files, or only blank lines)")
         good_rows = cache.write(result.good, read_dir, "data")
         quarantined = cache.write(result.quarantine, read_dir, "quarantine")
         read_record = {"name": "read", "key": read_key, "input_rows": result.input_rows, "quarantined": quarantined,
@@ -184,7 +194,7 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
         spec = stage_spec(stage, seed)
         key = stage_key(upstream_key, spec)
         folder = cache.folder(index, stage.name, key)
-        record = cache.record(folder)
+        record = cache.record(folder, log)
         was_cached = record is not None
         tag = f"[{index}/{len(stage_objects)} {stage.name}]"
         if record is None:
@@ -218,7 +228,9 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
             if added_by:
                 record["added_by"] = added_by
             cache.complete(folder, record)
-            log(f"{tag} {rows} -> {rows_out} rows (-{record['dropped']} +{record['added']}) in {record['seconds']:.1f}s")
+            rate = rows_per_second(rows, record["seconds"])
+            log(f"{tag} {rows} -> {rows_out} rows (-{record['dropped']} +{record['added']}) in {record['seconds']:.1f}s"
+                + (f", {rate:,.1f} rows/s" if rate else ""))
         else:
             log(f"{tag} cached: {record['rows_in']} -> {record['rows_out']} rows")
         records.append({**record, "cached": was_cached})
@@ -233,12 +245,15 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
     # "embedding..." is the user's data and passes through.
     drop = set() if config.output.keep_embeddings else {c for s in stage_objects for c in s.cache_only_columns}
     shards = write_shards(final, out_dir, config.output.rows_per_shard, config.output.compression, drop)
-    log(f"[write] {rows} rows -> {len(shards)} shard(s) in {time.time() - t0:.1f}s")
+    write_seconds = round(time.time() - t0, 3)
+    log(f"[write] {rows} rows -> {len(shards)} shard(s) in {write_seconds:.1f}s")
     _publish_quarantine(read_dir, out_dir)
 
     select_info = next((r["info"] for r in records if r["name"] == SelectStep.name), None)
+    timing = {"read": step_timing(read_record["input_rows"], read_record["seconds"], read_cached) | {"key": read_key},
+              "write": step_timing(rows, write_seconds, False)}
     manifest = build_manifest(config, read_record, records, shards, order_info or {}, time.time() - started,
-                              select=select_info)
+                              select=select_info, timing=timing)
     write_manifest(out_dir, manifest)
     return manifest
 

@@ -17,7 +17,9 @@ Parsed schema (internal; the ``_`` columns never reach the shards):
 - ``_reason``: why the record is bad, or null
 - ``_raw``: the raw record, for quarantine only
 
-A blank line in a JSON-lines file is not a record; blank lines are counted, not quarantined.
+A blank line in a JSON-lines file is not a record; blank lines are counted, not quarantined. A
+UTF-8 byte-order mark at the start of a file is skipped. The ``raw`` kept for quarantine is cut
+to ``RAW_LIMIT`` characters, so a 50 MB rejected document does not become a 50 MB quarantine row.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ PARSED_SCHEMA = pa.schema(
 )
 RESERVED_COLUMNS = frozenset({"id", "text", "position"})
 _SEQ_SHIFT = 40
+RAW_LIMIT = 65_536
+MAX_ID_CHARS = 1024
+_BOM = b"\xef\xbb\xbf"
+
+
+def cut_raw(raw: str) -> str:
+    """The raw record for quarantine, cut to ``RAW_LIMIT`` characters with a note of its length."""
+    return raw if len(raw) <= RAW_LIMIT else f"{raw[:RAW_LIMIT]}... [cut: {len(raw)} characters in all]"
 
 
 class RecordChecker:
@@ -83,7 +93,7 @@ class RecordChecker:
                 row["_fields"] = json.dumps(extras, ensure_ascii=True, sort_keys=True)
                 row["_sig"] = ",".join(f"{k}:{_json_type(v)}" for k, v in sorted(extras.items()))
             return row
-        row.update(_reason=reason, _raw=raw)
+        row.update(_reason=reason, _raw=cut_raw(raw))
         return row
 
     def _problem(self, record: Any) -> str | None:
@@ -108,6 +118,11 @@ class RecordChecker:
                 return f"id field {self.id_field!r} is not a string or integer (got {type(value).__name__})"
             if isinstance(value, str) and not value.strip():
                 return f"empty id in field {self.id_field!r}"
+            # Ids are data, never paths; these two would still break tools downstream (C strings, indexes).
+            if isinstance(value, str) and "\x00" in value:
+                return f"id in field {self.id_field!r} contains NUL bytes"
+            if len(str(value)) > MAX_ID_CHARS:
+                return f"id in field {self.id_field!r} longer than {MAX_ID_CHARS} characters ({len(str(value))})"
         try:
             json.dumps(record, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
@@ -188,7 +203,7 @@ def _unit_name(unit: Any) -> str:
 
 def _bad_row(source: str, seq: int, raw: str, reason: str) -> dict[str, Any]:
     return {"id": None, "text": None, "_source": source, "_seq": seq, "_fields": None, "_sig": None,
-            "_reason": reason, "_raw": raw}
+            "_reason": reason, "_raw": cut_raw(raw)}
 
 
 def _decode(data: bytes) -> tuple[str, str | None]:
@@ -210,6 +225,8 @@ class JsonlDatasource(_ChunkedDatasource):
                 if not line.strip():
                     continue
                 source, seq = f"{path}:{line_no}", _seq(file_index, line_no)
+                if line_no == 1 and line.startswith(_BOM):
+                    line = line[len(_BOM):]  # written by some Windows tools; not part of the record
                 decoded, bad_utf8 = _decode(line.rstrip(b"\r\n"))
                 if bad_utf8:
                     yield _bad_row(source, seq, decoded, bad_utf8)
@@ -218,6 +235,9 @@ class JsonlDatasource(_ChunkedDatasource):
                     record = json.loads(decoded)
                 except json.JSONDecodeError as exc:
                     yield _bad_row(source, seq, decoded, f"malformed json: {exc.msg} at column {exc.colno}")
+                    continue
+                except RecursionError:
+                    yield _bad_row(source, seq, decoded, "malformed json: nested too deeply to parse")
                     continue
                 yield self.checker.check(record, source, seq, decoded)
 
@@ -230,7 +250,9 @@ class ParquetDatasource(_ChunkedDatasource):
 
         file_index, path = unit
         row_number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=self.block_rows):
+        parquet = pq.ParquetFile(path)
+        self._check_schema(parquet.schema_arrow, path)
+        for batch in parquet.iter_batches(batch_size=self.block_rows):
             columns = {}
             for name in batch.schema.names:
                 column = batch.column(name)
@@ -252,6 +274,22 @@ class ParquetDatasource(_ChunkedDatasource):
                 raw = json.dumps(record, ensure_ascii=False, default=str)
                 yield _bad_row(source, seq, raw, problem) if problem else self.checker.check(record, source, seq, raw)
                 row_number += 1
+
+
+    def _check_schema(self, schema: pa.Schema, path: str) -> None:
+        """A file without a string text column (or id column, when set) is the wrong file or the wrong
+        ``text_field``, not a file of bad records: stop and name it instead of quarantining every row."""
+        wanted = [self.checker.text_field] + ([self.checker.id_field] if self.checker.id_field else [])
+        for name in wanted:
+            if name not in schema.names:
+                raise UnreadableInputError(f"cannot read input file {path}: no column {name!r} "
+                                           f"(columns: {', '.join(schema.names) or 'none'}); check input.text_field "
+                                           "and input.id_field")
+        text_type = schema.field(self.checker.text_field).type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)
+                or pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type)):
+            raise UnreadableInputError(f"cannot read input file {path}: column {self.checker.text_field!r} is "
+                                       f"{text_type}, not a string")
 
 
 class TextDatasource(_ChunkedDatasource):
