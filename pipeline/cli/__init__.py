@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.cli.ablate import add_parsers as add_ablate_parsers
+from pipeline.cli.ablate import cmd_ablate
 from pipeline.cli.options import add_config_options
 from pipeline.cli.tokens import add_parsers as add_token_parsers
 from pipeline.cli.tokens import cmd_export, cmd_tokenize
@@ -49,11 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                        "(prompt, response, text, answer), --docs of them in OUT and a held-out tenth "
                        "(at least 1) in OUT-test.jsonl beside it (NAME-test.jsonl.gz for NAME.jsonl.gz)")
 
-    inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
+    inspect = sub.add_parser("inspect", help="summarise a run or training folder and write DIR/report/index.html")
     inspect.add_argument("run_dir")
 
     add_train_parsers(sub)
     add_token_parsers(sub)
+    add_ablate_parsers(sub)
     return parser
 
 
@@ -95,17 +98,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "manifest.json").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no manifest.json)")
-    summary, report = inspect_run(run_dir)
+    summary, report = inspect_run(Path(args.run_dir))
     print(summary)
     print(f"report: {report}")
     return 0
 
 
 COMMANDS = {"run": _cmd_run, "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
-            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export}
+            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export,
+            "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:
