@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONSTRAINTS := constraints-cpu.txt
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: run test lint install install-dev bench clean
+.PHONY: run test lint install install-dev bench notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test: lint
 
 bench: install-dev
 	$(BIN)/python benchmarks/run_all.py
+
+# Re-run every notebook and store its outputs, so the committed outputs never go stale.
+notebooks: install-dev
+	$(BIN)/python notebooks/execute.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

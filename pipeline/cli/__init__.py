@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.cli.ablate import add_parsers as add_ablate_parsers
+from pipeline.cli.ablate import cmd_ablate
 from pipeline.cli.options import add_config_options
 from pipeline.cli.tokens import add_parsers as add_token_parsers
 from pipeline.cli.tokens import cmd_export, cmd_tokenize
@@ -50,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(prompt, response, text, answer), --docs of them in OUT and a held-out tenth "
                        "(at least 1) in OUT-test.jsonl beside it (NAME-test.jsonl.gz for NAME.jsonl.gz)")
 
-    inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
+    inspect = sub.add_parser("inspect", help="summarise a run or training folder and write DIR/report/index.html")
     inspect.add_argument("run_dir")
 
     verify = sub.add_parser("verify", help="recheck a run folder against its manifest: every shard's sha256 and rows, "
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
     add_token_parsers(sub)
+    add_ablate_parsers(sub)
     return parser
 
 
@@ -100,10 +103,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "manifest.json").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no manifest.json)")
-    summary, report = inspect_run(run_dir)
+    summary, report = inspect_run(Path(args.run_dir))
     print(summary)
     print(f"report: {report}")
     return 0
@@ -122,7 +122,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": _cmd_run, "verify": _cmd_verify,
             "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
-            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export}
+            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export, "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

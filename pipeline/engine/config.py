@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pipeline.core.errors import ConfigError, FieldError
 from pipeline.core.hashing import sha256_json
 from pipeline.core.settings import RayConfig, RunConfig, StrictModel
+from pipeline.engine.ablate import AblateConfig
 from pipeline.engine.select import SelectConfig
 from pipeline.io.input_config import InputConfig
 from pipeline.train.config import TrainConfig
@@ -42,6 +43,7 @@ class Config(StrictModel):
     output: OutputConfig = OutputConfig()
     train: dict[str, Any] | None = None
     select: SelectConfig | None = None
+    ablate: AblateConfig | None = None
 
     def resolved(self) -> dict[str, Any]:
         """The whole config with every default filled in, as plain JSON data."""
@@ -49,6 +51,8 @@ class Config(StrictModel):
         data["stages"] = [s.model_dump(mode="json") for s in self.stages]
         if data.get("select") is None:  # configs without the section keep their hash
             data.pop("select", None)
+        if data.get("ablate") is None:
+            data.pop("ablate", None)
         return data
 
     def config_hash(self) -> str:

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.core.errors import ConfigError
 from pipeline.core.files import write_text_atomic
+from pipeline.engine.report_training import inspect_training, is_training_folder
 from pipeline.io.runfolder import read_manifest
 from stages.combine import RECIPE
 
@@ -327,6 +329,10 @@ def _plots(run_dir: Path, manifest: dict[str, Any], df: pl.DataFrame,
 def inspect_run(run_dir: Path) -> tuple[str, Path]:
     """Print-ready summary and the path of the HTML report written into ``run_dir/report``."""
     run_dir = Path(run_dir)
+    if is_training_folder(run_dir):
+        return inspect_training(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no manifest.json) or a training folder (no train_config.json)")
     manifest = read_manifest(run_dir)
     df = load_numeric_sample(run_dir, manifest)
     columns, matrix, warnings = rank_correlations(df)
