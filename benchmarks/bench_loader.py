@@ -26,10 +26,14 @@ Token shards (issue 16), in the same run: the tokenizer is saved and ``curriculu
 - ``raw_bin``: ``np.memmap`` of the ``.bin`` file cut into the same batches: the limit of any
   reader of pre-tokenized data.
 
-The token pair is timed twice: over one epoch, beside the text readers, and over
-``--token-epochs`` epochs (the same stream repeated, packed across the epoch boundaries), where
+The token pair is timed three times: over one epoch, beside the text readers; over
+``--token-epochs`` epochs (the same stream repeated, packed across the epoch boundaries), because
 one pass of either takes a few milliseconds and the loader's fixed cost (opening and checking the
-token shards against the run and the tokenizer) would otherwise be most of what is measured.
+token shards against the run and the tokenizer) would otherwise be most of what is measured; and
+over those epochs in batches of ``--token-batch-size`` x ``--token-seq-len`` (16 x 1024, a
+pretraining-sized batch per rank), because with 4,096-token batches the loader's fixed cost per
+batch (the resume cursor, the ``positions`` tensor, a few Python calls) is compared with a read
+that costs about as little per batch.
 
 Each reader is timed from opening the data to its last batch, in this process, one after the
 other; the order rotates between repeats. The best and the median of ``--repeats`` are reported.
@@ -186,6 +190,8 @@ def main() -> int:
     parser.add_argument("--chunk-rows", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="also time the loader with this many tokenizer workers")
     parser.add_argument("--token-epochs", type=int, default=10, help="epochs of the second token-shard comparison")
+    parser.add_argument("--token-seq-len", type=int, default=1024, help="the third comparison's sequence length")
+    parser.add_argument("--token-batch-size", type=int, default=16, help="the third comparison's batch size")
     parser.add_argument("--quick", action="store_true", help="1000 documents, 2 repeats")
     args = parser.parse_args()
     if args.quick:
@@ -214,11 +220,17 @@ def main() -> int:
                                                   token_shards=True),
         "raw_bin": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B), encoder.pad, L, B),
     }
-    epochs = args.token_epochs
+    epochs, big_l, big_b = args.token_epochs, args.token_seq_len, args.token_batch_size
     token_readers = {
         f"loader_tokens_{epochs}_epochs": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=epochs,
                                                                    chunk_rows=rows, token_shards=True),
         f"raw_bin_{epochs}_epochs": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B, epochs), encoder.pad, L, B),
+    }
+    big_readers = {
+        f"loader_tokens_{epochs}_epochs_{big_b}x{big_l}": lambda: CurriculumLoader(
+            run_dir, tokenizer, big_l, big_b, max_epochs=epochs, chunk_rows=rows, token_shards=True),
+        f"raw_bin_{epochs}_epochs_{big_b}x{big_l}": lambda: pack_tokens(
+            raw_bin(bin_path, bin_dtype, big_l, big_b, epochs), encoder.pad, big_l, big_b),
     }
     if args.workers:
         readers[f"loader_{args.workers}_workers"] = lambda: CurriculumLoader(
@@ -227,7 +239,8 @@ def main() -> int:
     started = time.perf_counter()
     timings, results = time_readers(readers, args.repeats)
     token_timings, token_results = time_readers(token_readers, args.repeats)
-    for group in (results, token_results):
+    big_timings, big_results = time_readers(big_readers, args.repeats)
+    for group in (results, token_results, big_results):
         if len(set(group.values())) != 1:
             raise SystemExit(f"the readers' batches differ (tokens, CRC of input_ids): {group}")
     tokens, epoch_tokens = results["raw"][0], token_results[f"raw_bin_{epochs}_epochs"][0]
@@ -236,6 +249,9 @@ def main() -> int:
     token_rates = {k: epoch_tokens / min(v) for k, v in token_timings.items()}
     token_median_rates = {k: epoch_tokens / float(np.median(v)) for k, v in token_timings.items()}
     many, bin_many = f"loader_tokens_{epochs}_epochs", f"raw_bin_{epochs}_epochs"
+    big, bin_big = list(big_readers)
+    big_rates = {k: epoch_tokens / min(v) for k, v in big_timings.items()}
+    big_median_rates = {k: epoch_tokens / float(np.median(v)) for k, v in big_timings.items()}
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU, python {platform.python_version()}",
         "load_average_start": load_start,
@@ -267,6 +283,12 @@ def main() -> int:
         "token_epochs_tokens_per_second_median": {k: round(v) for k, v in token_median_rates.items()},
         "ratio_tokens_loader_vs_raw_bin_epochs": round(token_rates[many] / token_rates[bin_many], 3),
         "ratio_tokens_loader_vs_raw_bin_epochs_median": round(token_median_rates[many] / token_median_rates[bin_many], 3),
+        "big_batch": {"seq_len": big_l, "batch_size": big_b},
+        "big_batch_seconds": big_timings,
+        "big_batch_tokens_per_second": {k: round(v) for k, v in big_rates.items()},
+        "big_batch_tokens_per_second_median": {k: round(v) for k, v in big_median_rates.items()},
+        "ratio_tokens_loader_vs_raw_bin_big_batch": round(big_rates[big] / big_rates[bin_big], 3),
+        "ratio_tokens_loader_vs_raw_bin_big_batch_median": round(big_median_rates[big] / big_median_rates[bin_big], 3),
     }
     (OUT / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| reader | tokens/s (best) | tokens/s (median) | × raw (best) | × raw (median) |")
@@ -284,6 +306,9 @@ def main() -> int:
         f"{k} {token_rates[k]:,.0f} tok/s (best), {token_median_rates[k]:,.0f} (median)" for k in token_readers))
     print(f"token-shard loader / raw .bin over {epochs} epochs: {result['ratio_tokens_loader_vs_raw_bin_epochs']:.2f} "
           f"(best), {result['ratio_tokens_loader_vs_raw_bin_epochs_median']:.2f} (median)")
+    print(f"token-shard loader / raw .bin over {epochs} epochs in batches of {big_b}x{big_l}: "
+          f"{result['ratio_tokens_loader_vs_raw_bin_big_batch']:.2f} (best), "
+          f"{result['ratio_tokens_loader_vs_raw_bin_big_batch_median']:.2f} (median)")
     print(f"{tokens} tokens from {result['rows']} documents in {len(files)} shards; load average "
           f"{load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end; "
           f"{result['seconds_total']} s of timed reading")

@@ -186,12 +186,16 @@ def _batches(loader, n: int | None = None) -> list[dict]:
     return out
 
 
-def test_loader_reads_token_shards_like_text(run_dir: Path, bpe_run: dict) -> None:
+def test_loader_reads_token_shards_like_text(run_dir: Path, bpe_run: dict, monkeypatch) -> None:
+    from pipeline.train import loader as loader_module
     from pipeline.train.loader import CurriculumLoader
 
     tok = load_tokenizer(str(run_dir / "tokens" / "tokenizer"))
-    # One rank reads packed batches in blocks; two ranks read theirs one by one; pad takes chunks.
-    for packing, world, rank in (("pack", 1, 0), ("pack", 2, 0), ("pad", 2, 1)):
+    # One rank reads packed batches in blocks (all at once, or 3 batches a block, so that blocks
+    # cross shard and epoch ends); two ranks read theirs one by one; pad takes chunks.
+    for packing, world, rank, block_tokens in (("pack", 1, 0, 65536), ("pack", 1, 0, 3 * 96), ("pack", 2, 0, 65536),
+                                               ("pad", 2, 1, 65536)):
+        monkeypatch.setattr(loader_module, "BLOCK_TOKENS", block_tokens)
         kwargs = {"packing": packing, "world_size": world, "rank": rank, "max_epochs": 2, "chunk_rows": 7}
         text = CurriculumLoader(run_dir, tok, 32, 3, token_shards=False, **kwargs)
         tokens = CurriculumLoader(run_dir, tok, 32, 3, token_shards=True, **kwargs)

@@ -36,6 +36,10 @@ from pipeline.train.token_source import (
     open_token_shards,
 )
 
+# Packed token-shard batches are read this many tokens at a time by a single process: enough to
+# share the per-read work between batches, small enough (512 KiB of int64) that the buffers are
+# recycled by the allocator instead of being freshly mapped and faulted in.
+BLOCK_TOKENS = 65536
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
 
 
@@ -353,20 +357,20 @@ class CurriculumLoader(IterableDataset):
         last = None if self.max_epochs is None else self.max_epochs * stream.tokens_per_epoch
         b, begin = start["batch"], stream.token_index(start)
         while last is None or begin < last:
+            if block == 1:  # the batch that reaches the end of a finite stream gets END, as in _global_batches
+                end = begin + size if last is None else min(begin + size, last)
+                yield b, _Packed(stream, begin, end), dict(END) if end == last else stream.cursor(end)
+                b, begin = b + 1, end
+                continue
             ends = begin + size * np.arange(1, block + 1, dtype=np.int64)
             if last is not None:
                 ends = np.minimum(ends[:int(np.searchsorted(ends, last)) + 1], last)
-            # The batch that reaches the end of a finite stream gets END, as in _global_batches.
             afters = stream.cursors(ends[:-1] if last is not None and ends[-1] == last else ends)
             afters += [dict(END)] * (len(ends) - len(afters))
-            if block == 1:
-                payloads = [_Packed(stream, begin, int(ends[0]))]
-            else:
-                tokens, positions = stream.read(begin, int(ends[-1]))
-                cuts = [0, *(ends - begin).tolist()]
-                payloads = [_Packed(None, 0, 0, tokens[i:j], positions[i:j]) for i, j in zip(cuts, cuts[1:])]
-            for payload, after in zip(payloads, afters):
-                yield b, payload, after
+            tokens, positions = stream.read(begin, int(ends[-1]))
+            cuts = [0, *(ends - begin).tolist()]
+            for (i, j), after in zip(zip(cuts, cuts[1:]), afters):
+                yield b, _Packed(None, 0, 0, tokens[i:j], positions[i:j]), after
                 b += 1
             begin = int(ends[-1])
 
@@ -434,7 +438,8 @@ class CurriculumLoader(IterableDataset):
         local = 0  # this rank's batches so far
         if self.tokens is not None and self.packing == "pack":
             # Read ahead in blocks only when every batch read is this process's to yield.
-            batches = self._packed_batches(start, block=64 if world * dl_workers == 1 else 1)
+            block = max(1, BLOCK_TOKENS // (self.seq_len * self.batch_size)) if world * dl_workers == 1 else 1
+            batches = self._packed_batches(start, block)
         else:
             batches = self._global_batches(start, in_worker)
         for b, chunk, after in batches:

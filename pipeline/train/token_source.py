@@ -152,8 +152,16 @@ class PackedTokenStream:
         doc_start = int(self._shard(k).ends[i - 1]) if i else 0
         return cursor["epoch"] * self.tokens_per_epoch + int(self.token_starts[k]) + doc_start + cursor["offset"]
 
+    def cursor(self, t: int) -> dict[str, int]:
+        """The cursor of global token ``t``: its epoch, document (row) and index inside it."""
+        epoch, within = divmod(t, self.tokens_per_epoch)
+        k, local = self._locate(within)
+        ends = self._shard(k).ends
+        i = int(ends.searchsorted(local, side="right"))
+        return {"epoch": epoch, "row": int(self.row_starts[k]) + i, "offset": local - (int(ends[i - 1]) if i else 0)}
+
     def cursors(self, ts: np.ndarray) -> list[dict[str, int]]:
-        """The cursor of each global token in ``ts``: its epoch, document (row) and index inside it."""
+        """``cursor`` of each global token in ``ts``, vectorized for a block of batches."""
         epochs, within = np.divmod(np.asarray(ts, dtype=np.int64), self.tokens_per_epoch)
         shards = np.searchsorted(self.token_starts, within, side="right") - 1
         local = within - self.token_starts[shards]
