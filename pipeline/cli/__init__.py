@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.options import add_config_options
+from pipeline.cli.study import add_parsers as add_study_parsers
+from pipeline.cli.study import cmd_study
 from pipeline.cli.tokens import add_parsers as add_token_parsers
 from pipeline.cli.tokens import cmd_export, cmd_tokenize
 from pipeline.cli.train import add_parsers as add_train_parsers
@@ -17,6 +19,7 @@ from pipeline.cli.train import cmd_average, cmd_train
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
+from pipeline.engine.report_study import inspect_study, is_study_folder
 from pipeline.engine.runner import run_pipeline
 from pipeline.engine.select import rounds_table
 from pipeline.io.synth import write_synthetic
@@ -49,11 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                        "(prompt, response, text, answer), --docs of them in OUT and a held-out tenth "
                        "(at least 1) in OUT-test.jsonl beside it (NAME-test.jsonl.gz for NAME.jsonl.gz)")
 
-    inspect = sub.add_parser("inspect", help="summarise a run folder and write RUN_DIR/report/index.html")
+    inspect = sub.add_parser("inspect", help="summarise a run or study folder and write DIR/report/index.html")
     inspect.add_argument("run_dir")
 
     add_train_parsers(sub)
     add_token_parsers(sub)
+    add_study_parsers(sub)
     return parser
 
 
@@ -96,16 +100,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    if not (run_dir / "manifest.json").is_file():
+    if not (run_dir / "manifest.json").is_file() and not is_study_folder(run_dir):
         raise ConfigError(f"{run_dir}: not a run folder (no manifest.json)")
-    summary, report = inspect_run(run_dir)
+    summary, report = inspect_study(run_dir) if is_study_folder(run_dir) else inspect_run(run_dir)
     print(summary)
     print(f"report: {report}")
     return 0
 
 
 COMMANDS = {"run": _cmd_run, "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
-            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export}
+            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export,
+            "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
