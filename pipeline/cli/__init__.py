@@ -12,6 +12,8 @@ from pathlib import Path
 from pipeline.cli.ablate import add_parsers as add_ablate_parsers
 from pipeline.cli.ablate import cmd_ablate
 from pipeline.cli.options import add_config_options
+from pipeline.cli.study import add_parsers as add_study_parsers
+from pipeline.cli.study import cmd_study
 from pipeline.cli.tokens import add_parsers as add_token_parsers
 from pipeline.cli.tokens import cmd_export, cmd_tokenize
 from pipeline.cli.train import add_parsers as add_train_parsers
@@ -19,6 +21,7 @@ from pipeline.cli.train import cmd_average, cmd_train
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
+from pipeline.engine.report_study import inspect_study, is_study_folder
 from pipeline.engine.runner import run_pipeline
 from pipeline.engine.select import rounds_table
 from pipeline.engine.verify import verify_run
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(prompt, response, text, answer), --docs of them in OUT and a held-out tenth "
                        "(at least 1) in OUT-test.jsonl beside it (NAME-test.jsonl.gz for NAME.jsonl.gz)")
 
-    inspect = sub.add_parser("inspect", help="summarise a run or training folder and write DIR/report/index.html")
+    inspect = sub.add_parser("inspect", help="summarise a run, training or study folder and write DIR/report/index.html")
     inspect.add_argument("run_dir")
 
     verify = sub.add_parser("verify", help="recheck a run folder against its manifest: every shard's sha256 and rows, "
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_token_parsers(sub)
     add_ablate_parsers(sub)
+    add_study_parsers(sub)
     return parser
 
 
@@ -103,7 +107,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    summary, report = inspect_run(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    summary, report = inspect_study(run_dir) if is_study_folder(run_dir) else inspect_run(run_dir)
     print(summary)
     print(f"report: {report}")
     return 0
@@ -122,7 +127,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": _cmd_run, "verify": _cmd_verify,
             "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
-            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export, "ablate": cmd_ablate}
+            "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export, "ablate": cmd_ablate,
+            "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

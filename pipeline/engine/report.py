@@ -332,7 +332,8 @@ def inspect_run(run_dir: Path) -> tuple[str, Path]:
     if is_training_folder(run_dir):
         return inspect_training(run_dir)
     if not (run_dir / "manifest.json").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no manifest.json) or a training folder (no train_config.json)")
+        raise ConfigError(f"{run_dir}: not a run folder (no manifest.json), a training folder (no train_config.json) "
+                          "or a study folder")
     manifest = read_manifest(run_dir)
     df = load_numeric_sample(run_dir, manifest)
     columns, matrix, warnings = rank_correlations(df)
