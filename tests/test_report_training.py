@@ -68,4 +68,5 @@ def test_unfinished_training_and_other_folders(train_dir: Path, tmp_path: Path, 
     assert "not finished: no summary.json yet" in capsys.readouterr().out
     assert (partial / "report" / "loss.png").is_file()
     assert main(["inspect", str(tmp_path / "nothing-here")]) == 2
-    assert "not a run folder (no manifest.json) or a training folder" in capsys.readouterr().err
+    expected = "not a run folder (no manifest.json), a training folder (no train_config.json) or a study folder"
+    assert expected in capsys.readouterr().err
