@@ -64,6 +64,11 @@ class Config(StrictModel):
 
 def load_config(path: str | Path, sets: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set KEY=VALUE`` overrides and validate it."""
+    return validate_config(read_config_mapping(path, sets), source=str(path))
+
+
+def read_config_mapping(path: str | Path, sets: list[str] | None = None) -> dict[str, Any]:
+    """The YAML mapping at ``path`` with the ``--set KEY=VALUE`` overrides applied, not validated yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -77,7 +82,7 @@ def load_config(path: str | Path, sets: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping of run/ray/input/stages/output/train/select")
     for item in sets or []:
         apply_override(raw, item)
-    return validate_config(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

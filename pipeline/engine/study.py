@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import ConfigError, CurriculumError, FieldError
@@ -31,7 +30,7 @@ from pipeline.core.files import read_json_or_none, write_json_atomic, write_text
 from pipeline.core.hashing import sha256_json
 from pipeline.core.ray_session import connect_ray
 from pipeline.core.settings import RayConfig, RunConfig, StrictModel
-from pipeline.engine.config import Config, apply_override, format_validation_error, validate_config
+from pipeline.engine.config import Config, format_validation_error, read_config_mapping, validate_config
 from pipeline.engine.runner import run_pipeline
 from pipeline.io.runfolder import read_manifest, shard_files
 from pipeline.train.config import ScheduleConfig, TrainConfig
@@ -180,18 +179,7 @@ class Study:
 
 def load_study_config(path: str | Path, sets: list[str] | None = None) -> Study:
     """A pipeline config with a ``study:`` section; ``--set study.seeds=[0,1,2,3]`` reaches it too."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with a study: section")
-    for item in sets or []:
-        apply_override(raw, item)
-    return validate_study(raw, source=str(path))
+    return validate_study(read_config_mapping(path, sets), source=str(path))
 
 
 def validate_study(raw: dict[str, Any], source: str = "config") -> Study:
