@@ -135,7 +135,7 @@ class PackedTokenStream:
             if shard.rows and (positions[0] != base or np.any(np.diff(positions) != 1)):
                 raise CurriculumError(f"token shards: {self.shards.entries[k]['tokens_path']} does not hold positions "
                                       f"{base}…{base + shard.rows - 1} in order")
-            if len(self._open) >= 4:  # reads move forward; keep the few shards a block can touch
+            if len(self._open) >= 3:  # reads move forward; keep the few shards a block can touch
                 del self._open[next(iter(self._open))]
             self._open[k] = shard
         return shard
