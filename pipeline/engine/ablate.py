@@ -35,7 +35,7 @@ from pipeline.io.runfolder import shard_files
 from pipeline.models.lm import compute_dtype, resolve_device
 from pipeline.train.averaging import average_state, write_averaged
 from pipeline.train.evaluation import evaluate, load_eval_sets
-from pipeline.train.trainer import plan_training, resolve_tokenizer, run_training
+from pipeline.train.trainer import run_training, save_resolved_tokenizer
 
 Log = Callable[[str], None]
 RESULT_COLUMNS = ("combination", "size", "proxy_loss", "baseline_loss", "real_loss")
@@ -396,11 +396,7 @@ def _load_weights(model: Any, state: dict[str, Any]) -> None:
 def _shared_tokenizer(job: Job, data: Path, folder: Path, log: Log) -> str:
     """With no base training, one tokenizer for every model: resolved as the trainer would on the
     mixture of all partitions, and saved once."""
-    if not (folder / "tokenizer_config.json").is_file():
-        plan = plan_training(job, data, folder.parent / "base")
-        tokenizer, _ = resolve_tokenizer(plan, log)
-        tokenizer.save_pretrained(str(folder))
-    return str(folder.resolve())
+    return save_resolved_tokenizer(job, data, folder, folder.parent / "base", log, "ablate")
 
 
 def summarize(rows: list[dict[str, Any]], parts: Partitions, settings: AblateConfig, compute: dict[str, Any],

@@ -291,24 +291,13 @@ def _order_data(study: Study, order: str, seed: int, out: Path, address: str | N
 
 def _prepare_tokenizer(study: Study, data_dir: Path, out: Path, log: Log) -> str | None:
     """One tokenizer for every arm (so losses are in the same units), unless the config names one."""
-    from pipeline.train.trainer import plan_training, resolve_tokenizer
+    from pipeline.train.trainer import save_resolved_tokenizer
 
     train = study.config.train or {}
     if train.get("tokenizer") or (train.get("model") or {}).get("pretrained"):
         return None
-    saved = out / "tokenizer"
-    if (saved / "curriculum_tokenizer.json").is_file():
-        return str(saved.resolve())
     job = _Job(study.config.run, study.config.ray, train)
-    plan = plan_training(job, data_dir, out / "tokenizer-work")
-    tokenizer, source = resolve_tokenizer(plan, log)
-    tmp = out / f".tokenizer.tmp-{uuid.uuid4().hex[:8]}"
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "curriculum_tokenizer.json", {"source": f"study: {source}"})
-    if saved.exists():
-        shutil.rmtree(saved)
-    tmp.rename(saved)
-    return str(saved.resolve())
+    return save_resolved_tokenizer(job, data_dir, out / "tokenizer", out / "tokenizer-work", log, "study")
 
 
 def epoch_tokens(data_dir: Path, tokenizer_path: str, text_field: str = "text") -> int:

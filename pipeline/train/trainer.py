@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.core.errors import ConfigError, CurriculumError, ModelLoadError
+from pipeline.core.files import write_json_atomic
 from pipeline.core.hashing import sha256_json, uniform
 from pipeline.core.ray_session import connect_ray
 from pipeline.core.settings import RayConfig, RunConfig
@@ -189,6 +190,21 @@ def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     return train_bpe_tokenizer(texts, vocab_size=train.tokenizer_vocab_size), (
         f"BPE trained on {len(texts)} hash-sampled documents (vocab {train.tokenizer_vocab_size}, seed {plan.seed})")
 
+
+def save_resolved_tokenizer(config: JobConfig, data: Path, folder: Path, work: Path, log: Log, note: str) -> str:
+    """The tokenizer the trainer would resolve for ``data``, saved once to ``folder`` for several runs to
+    share (so their losses are in the same units); its path. Built under a temporary name and swapped
+    in whole; ``curriculum_tokenizer.json``, written last, marks it complete."""
+    if (folder / "curriculum_tokenizer.json").is_file():
+        return str(folder.resolve())
+    tokenizer, source = resolve_tokenizer(plan_training(config, data, work), log)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(tmp / "curriculum_tokenizer.json", {"source": f"{note}: {source}"})
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return str(folder.resolve())
 
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
