@@ -21,20 +21,24 @@ Token shards (issue 16), in the same run: the tokenizer is saved and ``curriculu
 ``tokenize_run`` writes ``RUN_DIR/tokens`` with it (reused while the vocabulary is the same), and
 ``export_megatron`` writes the Megatron ``.bin``/``.idx`` pair from them, outside the timing.
 
-- ``loader_tokens``: ``CurriculumLoader(token_shards=True)``: the same batches, sliced from the
-  memory-mapped token shards instead of tokenized (``loader`` is ``token_shards=False``).
-- ``raw_bin``: ``np.memmap`` of the ``.bin`` file cut into the same batches: the limit of any
-  reader of pre-tokenized data.
+- ``loader_tokens``: ``CurriculumLoader(token_shards=True, positions=False)``, as the trainer
+  reads it: the same batches, sliced from the memory-mapped token shards instead of tokenized
+  (``loader`` is ``token_shards=False``); ``loader_tokens_positions`` also builds the
+  ``positions`` tensor (which the trainer asks for only with ``trace``).
+- ``raw_bin_slices_of_N``: ``np.memmap`` of the ``.bin`` file, copied out ``N`` batches at a time
+  (N in ``RAW_SLICES``) and cut into the same batches: the limit of any reader of pre-tokenized
+  data. The fastest N of each comparison is the baseline.
 
-The token pair is timed three times: over one epoch, beside the text readers; over
-``--token-epochs`` epochs (the same stream repeated, packed across the epoch boundaries), because
-one pass of either takes a few milliseconds and the loader's fixed cost (opening and checking the
+The token readers are compared three times: over one epoch at the text readers' batch shape;
+over ``--token-epochs`` epochs (the same stream repeated, packed across the epoch boundaries),
+because one pass takes a few milliseconds and the loader's fixed cost (opening and checking the
 token shards against the run and the tokenizer) would otherwise be most of what is measured; and
 over those epochs in batches of ``--token-batch-size`` x ``--token-seq-len`` (16 x 1024, a
-pretraining-sized batch per rank), because with 4,096-token batches the loader's fixed cost per
-batch (the resume cursor, the ``positions`` tensor, a few Python calls) is compared with a read
-that costs about as little per batch.
+pretraining-sized batch per rank).
 
+Every reader's batches are checked in one untimed pass (token count and a CRC of every batch's
+``input_ids`` must agree within a comparison); the timed passes only take the batches, since a
+consumer's cost is the same for every reader and would pull the ratios towards 1.
 Each reader is timed from opening the data to its last batch, in this process, one after the
 other; the order rotates between repeats. The best and the median of ``--repeats`` are reported.
 Targets: loader >= 0.8 x raw; loader_tokens >= 0.8 x raw_bin and >= 3 x loader (tokens/s, CPU).
@@ -114,10 +118,16 @@ def pack(texts: Iterable[list[str]], encoder: Encoder, seq_len: int, batch_size:
     return pack_tokens(encoded(texts, encoder), encoder.pad, seq_len, batch_size)
 
 
-def raw_bin(path: Path, dtype: str, seq_len: int, batch_size: int, epochs: int = 1) -> Iterator[np.ndarray]:
+# The raw read copies this many batches at a time out of the map; the fastest of them is the
+# baseline (small slices pay Python per slice, large ones the allocator's fresh pages).
+RAW_SLICES = (4, 16, 64)
+
+
+def raw_bin(path: Path, dtype: str, seq_len: int, batch_size: int, epochs: int = 1,
+            slice_batches: int = 16) -> Iterator[np.ndarray]:
     """The Megatron .bin file, memory-mapped, in slices of whole batches, ``epochs`` times over."""
     data = np.memmap(path, dtype=dtype, mode="r")
-    size = seq_len * batch_size * 64
+    size = seq_len * batch_size * slice_batches
     for _ in range(epochs):
         for start in range(0, len(data), size):
             yield data[start:start + size].astype(np.int64)
@@ -167,17 +177,61 @@ def consume(batches: Iterable[dict[str, torch.Tensor]]) -> tuple[int, int]:
     return tokens, crc
 
 
+def drain(batches: Iterable[dict[str, torch.Tensor]]) -> int:
+    """The timed pass: take every batch and nothing more (a consumer's cost is the same for all
+    readers and would only pull the ratios towards 1)."""
+    return sum(1 for _ in batches)
+
+
 def time_readers(readers: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, tuple[int, int]]]:
-    """Seconds of every pass of every reader (the order rotates between repeats) and what each read."""
+    """Seconds of every pass of every reader (the order rotates between repeats) and what each read
+    (one untimed pass per reader, checked by the caller)."""
+    results = {name: consume(make()) for name, make in readers.items()}
     timings: dict[str, list[float]] = {name: [] for name in readers}
-    results: dict[str, tuple[int, int]] = {}
     names = list(readers)
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
-            results[name] = consume(readers[name]())
+            drain(readers[name]())
             timings[name].append(time.perf_counter() - t0)
     return timings, results
+
+
+def token_readers(run_dir: Path, tokenizer: object, bin_path: Path, bin_dtype: str, pad: int, seq_len: int,
+                  batch_size: int, epochs: int, chunk_rows: int) -> dict:
+    """One token comparison: the token-shard loader as the trainer reads it (no ``positions``)
+    and with ``positions``, against the raw ``.bin`` read in slices of each of ``RAW_SLICES`` batches."""
+    group = {
+        "loader_tokens": lambda: CurriculumLoader(run_dir, tokenizer, seq_len, batch_size, max_epochs=epochs,
+                                                  chunk_rows=chunk_rows, token_shards=True, positions=False),
+        "loader_tokens_positions": lambda: CurriculumLoader(run_dir, tokenizer, seq_len, batch_size, max_epochs=epochs,
+                                                            chunk_rows=chunk_rows, token_shards=True, positions=True),
+    }
+    for n in RAW_SLICES:
+        group[f"raw_bin_slices_of_{n}"] = lambda n=n: pack_tokens(
+            raw_bin(bin_path, bin_dtype, seq_len, batch_size, epochs, n), pad, seq_len, batch_size)
+    return group
+
+
+def compare_tokens(timings: dict[str, list[float]], tokens: int) -> dict:
+    """Tokens/s of each reader (best and median pass) and the loader's ratios to the fastest raw read."""
+    best = {k: tokens / min(v) for k, v in timings.items()}
+    median = {k: tokens / float(np.median(v)) for k, v in timings.items()}
+    raw_best = max(v for k, v in best.items() if k.startswith("raw_bin"))
+    raw_median = max(v for k, v in median.items() if k.startswith("raw_bin"))
+    return {
+        "tokens": tokens, "seconds": timings,
+        "tokens_per_second": {k: round(v) for k, v in best.items()},
+        "tokens_per_second_median": {k: round(v) for k, v in median.items()},
+        "loader_tokens": round(best["loader_tokens"]), "loader_tokens_median": round(median["loader_tokens"]),
+        "loader_tokens_positions": round(best["loader_tokens_positions"]),
+        "loader_tokens_positions_median": round(median["loader_tokens_positions"]),
+        "raw_bin": round(raw_best), "raw_bin_median": round(raw_median),
+        "ratio": round(best["loader_tokens"] / raw_best, 3),
+        "ratio_median": round(median["loader_tokens"] / raw_median, 3),
+        "ratio_positions": round(best["loader_tokens_positions"] / raw_best, 3),
+        "ratio_positions_median": round(median["loader_tokens_positions"] / raw_median, 3),
+    }
 
 
 def main() -> int:
@@ -215,43 +269,33 @@ def main() -> int:
     readers = {
         "raw": lambda: pack(raw_texts(files, rows), encoder, L, B),
         "datasets": lambda: pack(datasets_texts(files, rows), encoder, L, B),
-        "loader": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, token_shards=False),
+        "loader": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, token_shards=False,
+                                           positions=False),
         "loader_tokens": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows,
-                                                  token_shards=True),
-        "raw_bin": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B), encoder.pad, L, B),
-    }
-    epochs, big_l, big_b = args.token_epochs, args.token_seq_len, args.token_batch_size
-    token_readers = {
-        f"loader_tokens_{epochs}_epochs": lambda: CurriculumLoader(run_dir, tokenizer, L, B, max_epochs=epochs,
-                                                                   chunk_rows=rows, token_shards=True),
-        f"raw_bin_{epochs}_epochs": lambda: pack_tokens(raw_bin(bin_path, bin_dtype, L, B, epochs), encoder.pad, L, B),
-    }
-    big_readers = {
-        f"loader_tokens_{epochs}_epochs_{big_b}x{big_l}": lambda: CurriculumLoader(
-            run_dir, tokenizer, big_l, big_b, max_epochs=epochs, chunk_rows=rows, token_shards=True),
-        f"raw_bin_{epochs}_epochs_{big_b}x{big_l}": lambda: pack_tokens(
-            raw_bin(bin_path, bin_dtype, big_l, big_b, epochs), encoder.pad, big_l, big_b),
+                                                  token_shards=True, positions=False),
     }
     if args.workers:
         readers[f"loader_{args.workers}_workers"] = lambda: CurriculumLoader(
-            run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, num_workers=args.workers, token_shards=False)
+            run_dir, tokenizer, L, B, max_epochs=1, chunk_rows=rows, num_workers=args.workers, token_shards=False,
+            positions=False)
+    epochs, big_l, big_b = args.token_epochs, args.token_seq_len, args.token_batch_size
+    shapes = {f"1 epoch, {B} x {L}": (1, L, B), f"{epochs} epochs, {B} x {L}": (epochs, L, B),
+              f"{epochs} epochs, {big_b} x {big_l}": (epochs, big_l, big_b)}
     load_start = os.getloadavg()
     started = time.perf_counter()
     timings, results = time_readers(readers, args.repeats)
-    token_timings, token_results = time_readers(token_readers, args.repeats)
-    big_timings, big_results = time_readers(big_readers, args.repeats)
-    for group in (results, token_results, big_results):
-        if len(set(group.values())) != 1:
-            raise SystemExit(f"the readers' batches differ (tokens, CRC of input_ids): {group}")
-    tokens, epoch_tokens = results["raw"][0], token_results[f"raw_bin_{epochs}_epochs"][0]
+    if len(set(results.values())) != 1:
+        raise SystemExit(f"the readers' batches differ (tokens, CRC of input_ids): {results}")
+    comparisons = {}
+    for label, (n_epochs, sl, bs) in shapes.items():
+        group = token_readers(run_dir, tokenizer, bin_path, bin_dtype, encoder.pad, sl, bs, n_epochs, rows)
+        group_timings, group_results = time_readers(group, args.repeats)
+        if len(set(group_results.values())) != 1:
+            raise SystemExit(f"{label}: the readers' batches differ (tokens, CRC of input_ids): {group_results}")
+        comparisons[label] = compare_tokens(group_timings, next(iter(group_results.values()))[0])
+    tokens = results["raw"][0]
     rates = {k: tokens / min(v) for k, v in timings.items()}
     median_rates = {k: tokens / float(np.median(v)) for k, v in timings.items()}
-    token_rates = {k: epoch_tokens / min(v) for k, v in token_timings.items()}
-    token_median_rates = {k: epoch_tokens / float(np.median(v)) for k, v in token_timings.items()}
-    many, bin_many = f"loader_tokens_{epochs}_epochs", f"raw_bin_{epochs}_epochs"
-    big, bin_big = list(big_readers)
-    big_rates = {k: epoch_tokens / min(v) for k, v in big_timings.items()}
-    big_median_rates = {k: epoch_tokens / float(np.median(v)) for k, v in big_timings.items()}
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU, python {platform.python_version()}",
         "load_average_start": load_start,
@@ -272,23 +316,10 @@ def main() -> int:
         "ratio_loader_vs_datasets": round(rates["loader"] / rates["datasets"], 3),
         "ratio_loader_vs_datasets_median": round(median_rates["loader"] / median_rates["datasets"], 3),
         "tokenize_and_export_seconds": round(tokens_seconds, 1),
-        "ratio_tokens_loader_vs_raw_bin": round(rates["loader_tokens"] / rates["raw_bin"], 3),
-        "ratio_tokens_loader_vs_raw_bin_median": round(median_rates["loader_tokens"] / median_rates["raw_bin"], 3),
         "ratio_tokens_loader_vs_text_loader": round(rates["loader_tokens"] / rates["loader"], 3),
         "ratio_tokens_loader_vs_text_loader_median": round(median_rates["loader_tokens"] / median_rates["loader"], 3),
-        "token_epochs": epochs,
-        "token_epochs_tokens": epoch_tokens,
-        "token_epochs_seconds": token_timings,
-        "token_epochs_tokens_per_second": {k: round(v) for k, v in token_rates.items()},
-        "token_epochs_tokens_per_second_median": {k: round(v) for k, v in token_median_rates.items()},
-        "ratio_tokens_loader_vs_raw_bin_epochs": round(token_rates[many] / token_rates[bin_many], 3),
-        "ratio_tokens_loader_vs_raw_bin_epochs_median": round(token_median_rates[many] / token_median_rates[bin_many], 3),
-        "big_batch": {"seq_len": big_l, "batch_size": big_b},
-        "big_batch_seconds": big_timings,
-        "big_batch_tokens_per_second": {k: round(v) for k, v in big_rates.items()},
-        "big_batch_tokens_per_second_median": {k: round(v) for k, v in big_median_rates.items()},
-        "ratio_tokens_loader_vs_raw_bin_big_batch": round(big_rates[big] / big_rates[bin_big], 3),
-        "ratio_tokens_loader_vs_raw_bin_big_batch_median": round(big_median_rates[big] / big_median_rates[bin_big], 3),
+        "raw_bin_slices": list(RAW_SLICES),
+        "token_comparisons": comparisons,
     }
     (OUT / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| reader | tokens/s (best) | tokens/s (median) | × raw (best) | × raw (median) |")
@@ -297,18 +328,17 @@ def main() -> int:
         print(f"| {k} | {rates[k]:,.0f} | {median_rates[k]:,.0f} | {rates[k] / rates['raw']:.2f} | "
               f"{median_rates[k] / median_rates['raw']:.2f} |")
     print(f"loader / datasets: {result['ratio_loader_vs_datasets']:.2f} (best), "
-          f"{result['ratio_loader_vs_datasets_median']:.2f} (median)")
-    print(f"token-shard loader / raw .bin: {result['ratio_tokens_loader_vs_raw_bin']:.2f} (best), "
-          f"{result['ratio_tokens_loader_vs_raw_bin_median']:.2f} (median); token-shard loader / text loader: "
+          f"{result['ratio_loader_vs_datasets_median']:.2f} (median); token-shard loader / text loader: "
           f"{result['ratio_tokens_loader_vs_text_loader']:.2f} (best), "
           f"{result['ratio_tokens_loader_vs_text_loader_median']:.2f} (median)")
-    print(f"over {epochs} epochs ({epoch_tokens} tokens): " + ", ".join(
-        f"{k} {token_rates[k]:,.0f} tok/s (best), {token_median_rates[k]:,.0f} (median)" for k in token_readers))
-    print(f"token-shard loader / raw .bin over {epochs} epochs: {result['ratio_tokens_loader_vs_raw_bin_epochs']:.2f} "
-          f"(best), {result['ratio_tokens_loader_vs_raw_bin_epochs_median']:.2f} (median)")
-    print(f"token-shard loader / raw .bin over {epochs} epochs in batches of {big_b}x{big_l}: "
-          f"{result['ratio_tokens_loader_vs_raw_bin_big_batch']:.2f} (best), "
-          f"{result['ratio_tokens_loader_vs_raw_bin_big_batch_median']:.2f} (median)")
+    print("| token comparison | tokens | loader tok/s (best / median) | with positions | fastest raw .bin "
+          "(best / median) | ratio (best / median) | with positions |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, c in comparisons.items():
+        print(f"| {label} | {c['tokens']:,} | {c['loader_tokens']:,} / {c['loader_tokens_median']:,} | "
+              f"{c['loader_tokens_positions']:,} / {c['loader_tokens_positions_median']:,} | "
+              f"{c['raw_bin']:,} / {c['raw_bin_median']:,} | {c['ratio']:.2f} / {c['ratio_median']:.2f} | "
+              f"{c['ratio_positions']:.2f} / {c['ratio_positions_median']:.2f} |")
     print(f"{tokens} tokens from {result['rows']} documents in {len(files)} shards; load average "
           f"{load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end; "
           f"{result['seconds_total']} s of timed reading")

@@ -188,14 +188,17 @@ def _batches(loader, n: int | None = None) -> list[dict]:
 
 def test_loader_reads_token_shards_like_text(run_dir: Path, bpe_run: dict, monkeypatch) -> None:
     from pipeline.train import loader as loader_module
+    from pipeline.train import token_source
     from pipeline.train.loader import CurriculumLoader
 
     tok = load_tokenizer(str(run_dir / "tokens" / "tokenizer"))
     # One rank reads packed batches in blocks (all at once, or 3 batches a block, so that blocks
-    # cross shard and epoch ends); two ranks read theirs one by one; pad takes chunks.
-    for packing, world, rank, block_tokens in (("pack", 1, 0, 65536), ("pack", 1, 0, 3 * 96), ("pack", 2, 0, 65536),
-                                               ("pad", 2, 1, 65536)):
+    # cross shard and epoch ends; with one shard open at a time, so that shards are dropped and
+    # reopened); two ranks read theirs one by one; pad takes chunks.
+    for packing, world, rank, block_tokens, open_bytes in (("pack", 1, 0, 65536, 1 << 28), ("pack", 1, 0, 3 * 96, 1),
+                                                           ("pack", 2, 0, 65536, 1 << 28), ("pad", 2, 1, 65536, 1)):
         monkeypatch.setattr(loader_module, "BLOCK_TOKENS", block_tokens)
+        monkeypatch.setattr(token_source, "OPEN_SHARD_BYTES", open_bytes)
         kwargs = {"packing": packing, "world_size": world, "rank": rank, "max_epochs": 2, "chunk_rows": 7}
         text = CurriculumLoader(run_dir, tok, 32, 3, token_shards=False, **kwargs)
         tokens = CurriculumLoader(run_dir, tok, 32, 3, token_shards=True, **kwargs)
@@ -206,6 +209,12 @@ def test_loader_reads_token_shards_like_text(run_dir: Path, bpe_run: dict, monke
             assert x["state"] == y["state"] and x["index"] == y["index"]
             for key in ("input_ids", "labels", "positions", "attention_mask"):
                 assert torch.equal(x[key], y[key]), key
+        # Without positions (how the trainer reads), the same batches less that one tensor.
+        bare = _batches(CurriculumLoader(run_dir, tok, 32, 3, token_shards=True, positions=False, **kwargs))
+        assert len(bare) == len(b) and "positions" not in bare[0]
+        for x, y in zip(b, bare):
+            assert x["state"] == y["state"] and torch.equal(x["input_ids"], y["input_ids"])
+            assert torch.equal(x["labels"], y["labels"]) and torch.equal(x["attention_mask"], y["attention_mask"])
         # Resume from a mid-stream cursor (inside a document) gives the same next batches.
         resumed = CurriculumLoader(run_dir, tok, 32, 3, token_shards=True, **kwargs)
         resumed.load_state_dict(a[5]["state"])

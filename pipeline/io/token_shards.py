@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import operator
 import os
 import re
 import shutil
@@ -46,9 +45,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def vocab_sha256(vocab: dict[str, int]) -> str:
     """A tokenizer's identity for the manifest: sha256 of its tokens in id order and of the ids."""
-    by_id = sorted(vocab.items(), key=operator.itemgetter(1))
-    digest = hashlib.sha256(json.dumps([token for token, _ in by_id], separators=(",", ":")).encode())
-    digest.update(np.fromiter((i for _, i in by_id), dtype=np.int64, count=len(by_id)).tobytes())
+    ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+    order = np.argsort(ids, kind="stable")  # the loader checks this at every start: numpy, not sorted()
+    tokens = list(vocab)
+    digest = hashlib.sha256(json.dumps([tokens[i] for i in order.tolist()], separators=(",", ":")).encode())
+    digest.update(ids[order].tobytes())
     return digest.hexdigest()
 
 

@@ -36,10 +36,10 @@ from pipeline.train.token_source import (
     open_token_shards,
 )
 
-# Packed token-shard batches are read this many tokens at a time by a single process: enough to
-# share the per-read work between batches, small enough (512 KiB of int64) that the buffers are
-# recycled by the allocator instead of being freshly mapped and faulted in.
-BLOCK_TOKENS = 65536
+# Packed token-shard batches are read this many tokens (2 MiB of int64) at a time by a single
+# process, so that the copy, the cursor search and the Python per read are shared by many batches.
+# Chosen on the loader benchmark's 4,000-document run among 64k, 128k and 256k tokens.
+BLOCK_TOKENS = 262144
 END = {"epoch": -1, "row": 0, "offset": 0}  # the cursor after the last batch of a finite stream
 
 
@@ -95,11 +95,11 @@ class _Packed:
     begin: int
     end: int
     tokens: np.ndarray | None = None  # int64
-    positions: np.ndarray | None = None
+    positions: np.ndarray | None = None  # int64; None when the loader was not asked for positions
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, with_positions: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if self.tokens is None:
-            return self.stream.read(self.begin, self.end)
+            return self.stream.read(self.begin, self.end, with_positions)
         return self.tokens, self.positions
 
 
@@ -238,6 +238,7 @@ class CurriculumLoader(IterableDataset):
         mask_token_id: int | None = None,
         mask_seed: int = 0,
         token_shards: bool | None = None,
+        positions: bool = True,
     ):
         if packing not in ("pack", "pad"):
             raise ConfigError(f"packing must be 'pack' or 'pad' (got {packing!r})")
@@ -271,6 +272,9 @@ class CurriculumLoader(IterableDataset):
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
         self.max_epochs, self.chunk_rows = max_epochs, chunk_rows
+        # The trainer reads positions only for its trace; on the token-shard route they would
+        # cost about as much as copying the tokens.
+        self.positions = positions
         self._state: dict[str, int] = {"epoch": 0, "row": 0, "offset": 0, "batch": 0}
 
     @property
@@ -345,51 +349,86 @@ class CurriculumLoader(IterableDataset):
             b += 1
             tok, grow, tpos, kind = tok[end:], grow[end:], tpos[end:], kind[end:]
 
-    def _packed_batches(self, start: dict[str, int], block: int) -> Iterator[tuple[int, _Packed, dict[str, int]]]:
+    def _packed_batches(self, start: dict[str, int]) -> Iterator[tuple[int, _Packed, dict[str, int]]]:
         """What ``_global_batches`` gives, for packed token shards: (b, its tokens, cursor after).
 
-        No tokenizing, so no DataLoader workers either: a batch is a slice of a memory map. The
-        batches are read ``block`` at a time (one copy, one binary search for all their cursors);
-        a rank that keeps only some of the batches reads them one by one.
+        No tokenizing, so no DataLoader workers either: a batch is a slice of a memory map, read
+        only by the rank that keeps it.
         """
         stream = PackedTokenStream(self.tokens)
         size = self.seq_len * self.batch_size
         last = None if self.max_epochs is None else self.max_epochs * stream.tokens_per_epoch
         b, begin = start["batch"], stream.token_index(start)
         while last is None or begin < last:
-            if block == 1:  # the batch that reaches the end of a finite stream gets END, as in _global_batches
-                end = begin + size if last is None else min(begin + size, last)
-                yield b, _Packed(stream, begin, end), dict(END) if end == last else stream.cursor(end)
-                b, begin = b + 1, end
-                continue
-            ends = begin + size * np.arange(1, block + 1, dtype=np.int64)
-            if last is not None:
-                ends = np.minimum(ends[:int(np.searchsorted(ends, last)) + 1], last)
-            afters = stream.cursors(ends[:-1] if last is not None and ends[-1] == last else ends)
-            afters += [dict(END)] * (len(ends) - len(afters))
-            tokens, positions = stream.read(begin, int(ends[-1]))
-            cuts = [0, *(ends - begin).tolist()]
-            for (i, j), after in zip(zip(cuts, cuts[1:]), afters):
-                yield b, _Packed(None, 0, 0, tokens[i:j], positions[i:j]), after
+            # The batch that reaches the end of a finite stream gets END, as in _global_batches.
+            end = begin + size if last is None else min(begin + size, last)
+            yield b, _Packed(stream, begin, end), dict(END) if end == last else stream.cursor(end)
+            b, begin = b + 1, end
+
+    def _packed_single(self, start: dict[str, int], in_worker: bool) -> Iterator[dict[str, Any]]:
+        """The batches of a single reader (one rank, at most one DataLoader worker), packed from
+        token shards: the hot path of the token-shard route.
+
+        A block of ``BLOCK_TOKENS`` is one copy out of the memory maps and one vectorized search
+        for the cursors; each batch is then a view of the block. The batches and states are those
+        of ``_packed_batches`` (the tests compare them).
+        """
+        stream = PackedTokenStream(self.tokens)
+        L, B = self.seq_len, self.batch_size
+        size = L * B
+        per_block = max(1, BLOCK_TOKENS // size)
+        last = None if self.max_epochs is None else self.max_epochs * stream.tokens_per_epoch
+        b, begin = start["batch"], stream.token_index(start)
+        while last is None or begin < last:
+            full = per_block if last is None else min(per_block, (last - begin) // size)
+            if full == 0:  # a finite stream's last, shorter batch
+                batch = self._materialize_packed(_Packed(stream, begin, last))
+                batch["index"], batch["state"] = b, {**END, "batch": b + 1}
+                if not in_worker:
+                    self._state = dict(batch["state"])
+                yield batch
+                return
+            end = begin + full * size
+            ids, positions = stream.read(begin, end, self.positions)
+            ends = begin + size * np.arange(1, full + 1, dtype=np.int64)
+            afters = stream.cursors(ends[:-1] if end == last else ends)
+            if end == last:
+                afters.append(dict(END))
+            inputs = torch.from_numpy(ids).view(full, B, L).unbind(0)
+            where = torch.from_numpy(positions).view(full, B, L).unbind(0) if positions is not None else None
+            for i, (x, after) in enumerate(zip(inputs, afters)):
+                after["batch"] = b + 1
+                if not in_worker:
+                    self._state = dict(after)
+                batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone(), "index": b,
+                         "state": after}
+                if where is not None:
+                    batch["positions"] = where[i]
                 b += 1
-            begin = int(ends[-1])
+                yield batch
+            begin = end
 
     def _materialize_packed(self, packed: _Packed) -> dict[str, torch.Tensor]:
         L = self.seq_len
-        tokens, positions = packed.read()
+        tokens, positions = packed.read(self.positions)
         rows = -(-len(tokens) // L)
         if len(tokens) < rows * L:  # the tail: pad the last row
             ids = np.full(rows * L, self.encoder.pad, np.int64)
-            pos = np.full(rows * L, -1, np.int64)
-            ids[:len(tokens)], pos[:len(tokens)] = tokens, positions
-            labels, mask = np.where(pos >= 0, ids, -100), (pos >= 0).astype(np.int64)
-            return {"input_ids": torch.from_numpy(ids.reshape(rows, L)),
-                    "attention_mask": torch.from_numpy(mask.reshape(rows, L)),
-                    "labels": torch.from_numpy(labels.reshape(rows, L)),
-                    "positions": torch.from_numpy(pos.reshape(rows, L))}
+            ids[:len(tokens)] = tokens
+            real = np.arange(rows * L) < len(tokens)
+            batch = {"input_ids": torch.from_numpy(ids.reshape(rows, L)),
+                     "attention_mask": torch.from_numpy(real.astype(np.int64).reshape(rows, L)),
+                     "labels": torch.from_numpy(np.where(real, ids, -100).reshape(rows, L))}
+            if positions is not None:
+                pos = np.full(rows * L, -1, np.int64)
+                pos[:len(tokens)] = positions
+                batch["positions"] = torch.from_numpy(pos.reshape(rows, L))
+            return batch
         ids = torch.from_numpy(tokens.reshape(rows, L))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                "positions": torch.from_numpy(positions.reshape(rows, L))}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if positions is not None:
+            batch["positions"] = torch.from_numpy(positions.reshape(rows, L))
+        return batch
 
     def _materialize(self, chunk: _Chunk | _Packed) -> dict[str, torch.Tensor]:
         if isinstance(chunk, _Packed):
@@ -418,12 +457,14 @@ class CurriculumLoader(IterableDataset):
         pos[slots] = positions_flat
         ids, labels, pos = ids.reshape(rows, L), labels.reshape(rows, L), pos.reshape(rows, L)
         mask = pos >= 0
-        return {
+        batch = {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask.astype(np.int64)),
             "labels": torch.from_numpy(labels),
-            "positions": torch.from_numpy(pos),
         }
+        if self.positions:
+            batch["positions"] = torch.from_numpy(pos)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -437,9 +478,10 @@ class CurriculumLoader(IterableDataset):
         pending = None  # this rank's batch of the current round, if this worker yields it
         local = 0  # this rank's batches so far
         if self.tokens is not None and self.packing == "pack":
-            # Read ahead in blocks only when every batch read is this process's to yield.
-            block = max(1, BLOCK_TOKENS // (self.seq_len * self.batch_size)) if world * dl_workers == 1 else 1
-            batches = self._packed_batches(start, block)
+            if world * dl_workers == 1:  # every batch read is this process's to yield
+                yield from self._packed_single(start, in_worker)
+                return
+            batches = self._packed_batches(start)
         else:
             batches = self._global_batches(start, in_worker)
         for b, chunk, after in batches:

@@ -20,6 +20,11 @@ from pipeline.core.errors import CurriculumError
 from pipeline.io.runfolder import read_manifest
 from pipeline.io.token_shards import FOLDER, TokenShard, TokenShards, vocab_sha256
 
+# The packed stream keeps shards open (token map and document ends) up to this many bytes, oldest
+# dropped first: a run of a few shards is opened once for all its epochs, a run of thousands
+# holds a bounded window of them.
+OPEN_SHARD_BYTES = 256 << 20
+
 # What each token of a chunk is, for the loader's labels and masking: only TARGET and EOS tokens
 # are labels; only TARGET ones may be masked.
 PROMPT, TARGET, EOS = 0, 1, 2
@@ -122,22 +127,28 @@ class PackedTokenStream:
         self.tokens_per_epoch = int(self.token_starts[-1])
         self.rows = int(self.row_starts[-1])
         self._open: dict[int, TokenShard] = {}
+        self._open_bytes = 0
+        self._checked: set[int] = set()
 
     def _shard(self, k: int) -> TokenShard:
         shard = self._open.get(k)
         if shard is None:
-            shard = self.shards.shard(k)
-            # Contiguous copies of the per-document columns (one int64 per document): binary
-            # searches on the strided index would copy it at every call.
-            shard = TokenShard(shard.tokens, np.ascontiguousarray(shard.positions), np.ascontiguousarray(shard.ends))
-            positions = shard.positions
+            mapped = self.shards.shard(k)
             base = int(self.row_starts[k])
-            if shard.rows and (positions[0] != base or np.any(np.diff(positions) != 1)):
-                raise CurriculumError(f"token shards: {self.shards.entries[k]['tokens_path']} does not hold positions "
-                                      f"{base}…{base + shard.rows - 1} in order")
-            if len(self._open) >= 3:  # reads move forward; keep the few shards a block can touch
-                del self._open[next(iter(self._open))]
+            if k not in self._checked:
+                positions = mapped.positions
+                if mapped.rows and (positions[0] != base or np.any(np.diff(positions) != 1)):
+                    raise CurriculumError(f"token shards: {self.shards.entries[k]['tokens_path']} does not hold "
+                                          f"positions {base}…{base + mapped.rows - 1} in order")
+                self._checked.add(k)
+            # A contiguous copy of the document ends (one int64 per document): binary searches on
+            # the strided index would copy it at every call. Positions are not needed past the check.
+            shard = TokenShard(mapped.tokens, mapped.positions, np.ascontiguousarray(mapped.ends))
+            size = _held_bytes(shard)
+            while self._open and self._open_bytes + size > OPEN_SHARD_BYTES:
+                self._open_bytes -= _held_bytes(self._open.pop(next(iter(self._open))))
             self._open[k] = shard
+            self._open_bytes += size
         return shard
 
     def _locate(self, within: int) -> tuple[int, int]:
@@ -177,8 +188,8 @@ class PackedTokenStream:
             offsets[here] = local[here] - doc_starts
         return [{"epoch": e, "row": r, "offset": o} for e, r, o in zip(epochs.tolist(), rows.tolist(), offsets.tolist())]
 
-    def read(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids as int64, each token's position) of global tokens ``start``…``end`` − 1."""
+    def read(self, start: int, end: int, with_positions: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(token ids as int64, each token's position or None) of global tokens ``start``…``end`` − 1."""
         tokens, positions = [], []
         while start < end:
             epoch_start = start - start % self.tokens_per_epoch
@@ -186,14 +197,24 @@ class PackedTokenStream:
             shard = self._shard(k)
             b = min(a + end - start, len(shard.tokens))
             tokens.append(shard.tokens[a:b])
-            first = int(np.searchsorted(shard.ends, a, side="right"))
-            last = int(np.searchsorted(shard.ends, b - 1, side="right"))
-            doc_ends = np.minimum(shard.ends[first:last + 1], b)
-            counts = doc_ends.copy()
-            counts[1:] -= doc_ends[:-1]
-            counts[0] -= a
-            positions.append(np.repeat(np.arange(first, last + 1, dtype=np.int64) + int(self.row_starts[k]), counts))
+            if with_positions:
+                positions.append(self._positions(k, shard, a, b))
             start += b - a
-        if len(tokens) == 1:
-            return tokens[0].astype(np.int64), positions[0]
-        return np.concatenate(tokens).astype(np.int64), np.concatenate(positions)
+        ids = tokens[0].astype(np.int64) if len(tokens) == 1 else np.concatenate(tokens).astype(np.int64)
+        if not with_positions:
+            return ids, None
+        return ids, positions[0] if len(positions) == 1 else np.concatenate(positions)
+
+    def _positions(self, k: int, shard: TokenShard, a: int, b: int) -> np.ndarray:
+        """The position of each of shard ``k``'s tokens ``a``…``b`` − 1: its document's row."""
+        first = int(np.searchsorted(shard.ends, a, side="right"))
+        last = int(np.searchsorted(shard.ends, b - 1, side="right"))
+        doc_ends = np.minimum(shard.ends[first:last + 1], b)
+        counts = doc_ends.copy()
+        counts[1:] -= doc_ends[:-1]
+        counts[0] -= a
+        return np.repeat(np.arange(first, last + 1, dtype=np.int64) + int(self.row_starts[k]), counts)
+
+def _held_bytes(shard: TokenShard) -> int:
+    """What keeping a shard open holds: its token map (resident once read) and its ends copy."""
+    return shard.tokens.nbytes + shard.ends.nbytes

@@ -348,8 +348,8 @@ def setup_worker(plan: TrainPlan, rank: int, world: int) -> tuple[Worker, Any]:
     model = build_model(plan, tokenizer)
     model.train()
     loader = CurriculumLoader(plan.data_dir, tokenizer, cfg.seq_len, cfg.micro_batch, cfg.packing,
-                              world_size=world, rank=rank, num_workers=cfg.loader_workers, **loader_data_options(cfg,
-                              tokenizer, plan.seed))
+                              world_size=world, rank=rank, num_workers=cfg.loader_workers, positions=cfg.trace,
+                              **loader_data_options(cfg, tokenizer, plan.seed))
     trainer_state = None
     found = complete_checkpoints(out_dir)
     if found:
