@@ -30,6 +30,7 @@ from pipeline.core.ray_session import connect_ray
 from pipeline.engine.cache import StageCache, stage_key, stage_spec
 from pipeline.engine.config import Config
 from pipeline.engine.manifest import build_manifest, rows_per_second, step_timing, write_manifest
+from pipeline.engine.progress import progress_lines
 from pipeline.engine.select import SelectStep
 from pipeline.io.ingest import ingest
 from pipeline.io.readers import read_input
@@ -205,13 +206,14 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
                                placement=place(stage.resources(), *cluster_size()),
                                upstream_artifacts=dict(artifacts))
             try:
-                out = stage.apply(upstream, ctx)
-                dropped_by: dict[str, int] = {}
-                if stage.may_drop():
-                    out, dropped = _split_dropped(out)
-                    if cache.write(dropped, folder, "dropped"):
-                        dropped_by = _count_by(cache.read(folder, "dropped"), "_drop_reason")
-                rows_out = cache.write(out, folder, "data")
+                with progress_lines(folder, rows, tag, log):
+                    out = stage.apply(upstream, ctx)
+                    dropped_by: dict[str, int] = {}
+                    if stage.may_drop():
+                        out, dropped = _split_dropped(out)
+                        if cache.write(dropped, folder, "dropped"):
+                            dropped_by = _count_by(cache.read(folder, "dropped"), "_drop_reason")
+                    rows_out = cache.write(out, folder, "data")
             except CurriculumError:
                 raise
             except Exception as exc:  # noqa: BLE001 - name the stage, keep the cause
