@@ -18,6 +18,8 @@ from pipeline.cli.tokens import add_parsers as add_token_parsers
 from pipeline.cli.tokens import cmd_export, cmd_tokenize
 from pipeline.cli.train import add_parsers as add_train_parsers
 from pipeline.cli.train import cmd_average, cmd_train
+from pipeline.cli.whatif import add_parsers as add_whatif_parsers
+from pipeline.cli.whatif import cmd_whatif
 from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     add_token_parsers(sub)
     add_ablate_parsers(sub)
     add_study_parsers(sub)
+    add_whatif_parsers(sub)
     return parser
 
 
@@ -128,7 +131,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 COMMANDS = {"run": _cmd_run, "verify": _cmd_verify,
             "select": _cmd_select, "synth": _cmd_synth, "inspect": _cmd_inspect, "train": cmd_train,
             "average": cmd_average, "tokenize": cmd_tokenize, "export": cmd_export, "ablate": cmd_ablate,
-            "study": cmd_study}
+            "study": cmd_study, "whatif": cmd_whatif}
 
 
 def main(argv: list[str] | None = None) -> int:

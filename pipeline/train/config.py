@@ -179,6 +179,21 @@ class AugmentConfig(StrictModel):
         None, description="{ratio: 0.2}: mask a seeded random share of each response's input tokens.")
 
 
+class FutRecordConfig(StrictModel):
+    """What ``record: {fut: ...}`` keeps for ``curriculum whatif`` (docs/training.md, docs/methods.md)."""
+
+    dim: int = Field(256, ge=8, le=65536, description="Dimension of the seeded random projection: each stored "
+                     "gradient is this many float32 values, so it bounds the storage.")
+    seed: int = Field(0, ge=0, description="Seed of the random projection.")
+    anchors: int = Field(4, ge=1, le=1000, description="Anchor checkpoints along the run (every total_steps // "
+                         "anchors steps) at which every training row's Adam-preconditioned gradient is stored.")
+
+
+class RecordConfig(StrictModel):
+    fut: FutRecordConfig | None = Field(None, description="{dim: 256, anchors: 4}: store what `curriculum whatif` "
+                                        "needs to estimate other training orders without retraining.")
+
+
 class TrainConfig(StrictModel):
     model: ModelSpec = ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2})
     tokenizer: str | None = Field(
@@ -209,6 +224,7 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1, description="A metrics.jsonl line every N steps (and at every eval step).")
     deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume).")
     trace: bool = Field(False, description="Write OUT/trace/rank-R.jsonl: the positions of every micro-batch.")
+    record: RecordConfig = RecordConfig()
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -225,6 +241,17 @@ class TrainConfig(StrictModel):
         if self.augment.masked_thought is not None and self.data.format != "prompt_response":
             raise FieldError("augment.masked_thought", "masks response tokens, so it needs data.format: "
                              "prompt_response (with data.prompt_field and data.response_field)")
+        return self
+
+    @model_validator(mode="after")
+    def _fut_fits(self) -> "TrainConfig":
+        if self.record.fut is None:
+            return self
+        for key, value, wanted in (("workers", self.workers, 1), ("grad_accum", self.grad_accum, 1),
+                                   ("packing", self.packing, "pack"), ("data.format", self.data.format, "text")):
+            if value != wanted:
+                raise FieldError("record.fut", f"records one process's packed text training: it needs "
+                                 f"{key}: {wanted!r} (got {value!r})")
         return self
 
     @model_validator(mode="after")

@@ -43,8 +43,10 @@ from pipeline.train.checkpoints import (
     save_checkpoint,
     truncate_jsonl,
 )
-from pipeline.train.config import AugmentConfig, DataConfig, TrainConfig
+from pipeline.train.config import AugmentConfig, DataConfig, RecordConfig, TrainConfig
 from pipeline.train.evaluation import check_eval_sets, evaluate, load_eval_sets
+from pipeline.train.fut import STEPS as FUT_STEPS
+from pipeline.train.fut import FutRecorder, record_summary
 from pipeline.train.loader import CurriculumLoader
 from pipeline.train.schedules import schedule_from_config
 
@@ -157,7 +159,7 @@ def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
     shards = [s.get("sha256") for s in manifest.get("shards", [])]
     train = plan.train.model_dump(mode="json", exclude={*_FREE_KEYS, *_NUMERICS_KEYS})
     # Sections added later are left out at their defaults, so older training folders still resume.
-    for key, default in (("data", DataConfig()), ("augment", AugmentConfig())):
+    for key, default in (("data", DataConfig()), ("augment", AugmentConfig()), ("record", RecordConfig())):
         if train[key] == default.model_dump(mode="json"):
             del train[key]
     vocab = sorted(tokenizer.get_vocab().items())
@@ -301,6 +303,7 @@ class Worker:
     train_model: Any
     optimizer: Any
     loader: CurriculumLoader
+    grad_norm: float | None = None  # the last step's global gradient norm (before clipping)
 
     def all_sum(self, value: float) -> float:
         """``value`` summed over the ranks (float64)."""
@@ -450,7 +453,7 @@ def train_step(worker: Worker, micro: list[dict[str, Any]], lr: float, trace: An
                                     "runs": _runs(batch["positions"])}) + "\n")
     grad_clip = worker.plan.train.optimizer.grad_clip
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(worker.train_model.parameters(), grad_clip)
+        worker.grad_norm = float(torch.nn.utils.clip_grad_norm_(worker.train_model.parameters(), grad_clip))
     worker.optimizer.step()
     worker.optimizer.zero_grad(set_to_none=True)
     tokens = int(worker.all_sum(float(sum(int(b["attention_mask"].sum()) for b in micro))))
@@ -512,6 +515,10 @@ def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stder
     eval_data = load_eval_sets(cfg.eval.sets, worker.tokenizer, cfg.seq_len, cfg.eval.max_tokens) if rank == 0 else {}
     metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
     trace = open(out_dir / "trace" / f"rank-{rank}.jsonl", "a", encoding="utf-8") if cfg.trace else None
+    recorder = None
+    if cfg.record.fut is not None and rank == 0:
+        truncate_jsonl(out_dir / "fut" / FUT_STEPS, progress.step)
+        recorder = FutRecorder(worker, eval_data, out_dir)
     batches = iter(worker.loader)
     started, start_step, start_tokens = time.time(), progress.step, progress.tokens
     every = cfg.checkpoint_every
@@ -519,8 +526,12 @@ def train_loop(plan: TrainPlan, rank: int = 0, world: int = 1, log: Log = _stder
         while progress.step < plan.total_steps:
             lr = schedule(progress.step)
             micro = [next(batches) for _ in range(cfg.grad_accum)]
+            if recorder is not None:
+                recorder.before_step(progress.step)
             loss, tokens = train_step(worker, micro, lr, trace, progress.step)
             progress.step += 1
+            if recorder is not None:
+                recorder.after_step(progress.step, lr, worker.grad_norm)
             progress.tokens += tokens
             progress.window[0] += loss
             progress.window[1] += 1
@@ -702,6 +713,8 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
         "precision": plan.precision,
         "last_attempt": stats,
     }
+    if cfg.record.fut is not None:
+        summary["record"] = {"fut": record_summary(out_dir)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
