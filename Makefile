@@ -30,8 +30,10 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# Two test processes, each with its own 2-CPU Ray cluster (a test file stays in one process, so
+# its module fixtures are built once): most tests wait on Ray start-up and subprocesses.
 test: lint
-	$(BIN)/python -m pytest -q --durations=30 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30 tests
 
 bench: install-dev
 	$(BIN)/python benchmarks/run_all.py

@@ -140,17 +140,15 @@ def test_segmenting_stays_linear_in_the_document_length():
     rng = random.Random(1)
     sentences = [" ".join(rng.choice(NAMES + FILLER + LINKS) for _ in range(12)) + "." for _ in range(1000)]
 
-    def seconds(n: int) -> float:
-        text = " ".join(sentences[:n])
-        best = float("inf")
-        for _ in range(3):
+    texts = {n: " ".join(sentences[:n]) for n in (100, 1000)}
+    best = {n: float("inf") for n in texts}
+    for _ in range(7):  # interleaved, best of 7: a loaded machine slows both sizes alike
+        for n, text in texts.items():
             t0 = time.perf_counter()
             spans = split_sentences(text)
             RuleSegmenter().segment([text[a:b] for a, b in spans])
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    small, large = seconds(100), seconds(1000)
+            best[n] = min(best[n], time.perf_counter() - t0)
+    small, large = best[100], best[1000]
     assert large / small < 30, (small, large)
 
 
@@ -300,8 +298,13 @@ def test_openai_segmenter_in_a_run_counts_fallbacks_and_never_shows_the_key(ray_
     for file in out.rglob("*"):
         if file.is_file():
             assert KEY.encode() not in file.read_bytes(), file
-    ray_logs = Path("/tmp/ray/session_latest/logs")
-    for file in ray_logs.rglob("*") if ray_logs.is_dir() else []:
+    import ray
+
+    # This test process's own cluster (under pytest-xdist, session_latest may be another's).
+    context = ray.get_runtime_context()
+    ray_logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    assert ray_logs.is_dir(), ray_logs
+    for file in ray_logs.rglob("*"):
         if file.is_file() and file.stat().st_size < 50_000_000:
             assert KEY.encode() not in file.read_bytes(), file
 
