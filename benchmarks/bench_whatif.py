@@ -7,6 +7,7 @@ longer run length (three passes) five of them are repeated, to see where the est
 useful. Writes benchmarks/out/whatif.json.
 
     PYTHONPATH=. python benchmarks/bench_whatif.py [--docs 200] [--work DIR]
+    PYTHONPATH=. python benchmarks/bench_whatif.py --work DIR --reestimate   # re-score a finished run's cache
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from pipeline.core.settings import RayConfig, RunConfig
 from pipeline.engine.ablate import Job, spearman
 from pipeline.engine.whatif import run_whatif, write_graded_run
-from pipeline.train.fut import ESTIMATORS
+from pipeline.train.fut import ESTIMATORS, SECOND_ORDER, estimate, load_record
 from pipeline.train.trainer import run_training
 
 OUT = Path(__file__).resolve().parent / "out" / "whatif.json"
@@ -40,9 +41,11 @@ ORDERS = {
     "folded": json.dumps({"method": "folded", "folds": 2, **QUALITY}),
     "buckets": json.dumps({"method": "buckets", "buckets": 4, **QUALITY}),
 }
-# The estimators as whatif runs them (row gradients interpolated between anchors) and plain (each
-# step reads the last anchor at or before it).
-VARIANTS = (*ESTIMATORS, *(f"{e}_plain" for e in ESTIMATORS))
+# The estimators as whatif runs them (row gradients interpolated between anchors), plain (each
+# step reads the last anchor at or before it), and with the second-order term (trajectory curvature,
+# whatif's --second-order, and the BFGS rank-one one).
+VARIANTS = (*ESTIMATORS, *(f"{e}_plain" for e in ESTIMATORS), *(f"{e}_second_order" for e in ESTIMATORS),
+            *(f"{e}_second_order_bfgs" for e in ESTIMATORS))
 LONG_ORDERS = ("reference", "random-1", "ascending", "descending", "reversed")
 
 
@@ -71,25 +74,50 @@ def one_length(work: Path, data: Path, epochs: float, epoch_tokens: int, names: 
     orders = [f"{n}={specs[n]}" for n in names]
     result = run_whatif(train_dir, orders, work / f"whatif-{epochs:g}ep", verify=len(orders), address=address,
                         log=lambda m: None)
-    from pipeline.train.fut import estimate, load_record
+    rows, stats = score(load_record(train_dir), [{"name": r["name"], "ids": r["ids"], "real": r["real"],
+                                                  "estimate_seconds": r["estimate_seconds"]} for r in result["orders"]])
+    reference = next(r for r in rows if r["order"] == "reference")
+    return {"epochs": epochs, "steps": summary["steps"], "tokens": tokens, "record": summary["record"]["fut"],
+            "record_run_seconds": round(record_seconds, 1),
+            "plain_retrain_seconds": reference["retrain_seconds"],
+            "whatif_seconds_per_order": round(sum(r["estimate_seconds"] for r in rows) / len(rows), 4),
+            "retrain_seconds_per_order": round(sum(r["retrain_seconds"] for r in rows) / len(rows), 1),
+            "stats": stats, "orders": rows}
 
-    record = load_record(train_dir)
+
+def score(record, orders: list[dict]) -> tuple[list[dict], dict]:
+    """Every estimator variant of every order (``name``, ``ids``, ``real`` from a retrain) against
+    the real losses: per-order rows and per-variant agreement statistics."""
     rows = []
-    for r in result["orders"]:
+    for r in orders:
+        first = estimate(record, r["ids"])
         plain = estimate(record, r["ids"], interpolate=False)["by_estimator"]
-        variants = {**r["estimate"]["by_estimator"], **{f"{e}_plain": plain[e] for e in ESTIMATORS}}
+        variants = {**first["by_estimator"], **{f"{e}_plain": plain[e] for e in ESTIMATORS}}
+        for model in SECOND_ORDER:
+            second = estimate(record, r["ids"], second_order=model)
+            suffix = "" if model == "trajectory" else f"_{model}"
+            for e in ESTIMATORS:
+                variants[f"{e}_second_order{suffix}"] = second["by_estimator"][e]["second_order"]
+            # The term against the first-order change (projected), and the share of Δθ along the trajectory.
+            terms = [d[f"second_order_{s}"] for d in second["diagnostics"] for s in record.meta["eval_sets"]]
+            variants.setdefault("_diag", {})[model] = {
+                "max_ratio": max((t["ratio"]["projected"] for t in terms), default=0.0),
+                "max_abs_term": max((abs(t["term"]) for t in terms), default=0.0),
+                "max_along_share": max((t["along_share"] for t in terms), default=0.0),
+                "statuses": sorted({t["status"] for t in terms})}
         real = r["real"]["final"]
-        row = {"order": r["name"], "rows_moved": r["estimate"]["rows_moved"], "real": real,
-               "retrain_seconds": r["real"]["seconds"], "estimate_seconds": r["estimate_seconds"]}
+        row = {"order": r["name"], "rows_moved": first["rows_moved"], "real": real,
+               "retrain_seconds": r["real"]["seconds"], "estimate_seconds": r["estimate_seconds"],
+               "second_order_terms": variants.pop("_diag")}
         for e in VARIANTS:
             est = variants[e]
             row[e] = est["final"]
             # Error along the run: |estimate - real| at every checkpoint, per eval set.
             row[f"{e}_curve_error"] = {s: {c: abs(v - r["real"]["curves"][s][c]) for c, v in curve.items()}
                                        for s, curve in est["curves"].items()}
-        row["max_relative_shift"] = max(d["relative_shift"] for d in r["estimate"]["diagnostics"])
+        row["max_relative_shift"] = max(d["relative_shift"] for d in first["diagnostics"])
         row["replay"] = [{k: d[k] for k in ("step", "replay_cosine", "replay_norm_ratio")}
-                         for d in r["estimate"]["diagnostics"]]
+                         for d in first["diagnostics"]]
         rows.append(row)
     sets = sorted(rows[0]["real"])
     stats = {}
@@ -109,13 +137,35 @@ def one_length(work: Path, data: Path, epochs: float, epoch_tokens: int, names: 
                           "error_by_checkpoint": {c: sum(r[f"{e}_curve_error"][s][c] for r in moved) / len(moved)
                                                   for c in rows[0][f"{e}_curve_error"][s]}}
         stats[e] = per_set
-    reference = next(r for r in rows if r["order"] == "reference")
-    return {"epochs": epochs, "steps": summary["steps"], "tokens": tokens, "record": summary["record"]["fut"],
-            "record_run_seconds": round(record_seconds, 1),
-            "plain_retrain_seconds": reference["retrain_seconds"],
-            "whatif_seconds_per_order": round(sum(r["estimate_seconds"] for r in rows) / len(rows), 4),
-            "retrain_seconds_per_order": round(sum(r["retrain_seconds"] for r in rows) / len(rows), 1),
-            "stats": stats, "orders": rows}
+    return rows, stats
+
+
+def reestimate(work: Path) -> None:
+    """Re-score the estimators on a finished run's cached work folder (its recorded runs and real
+    retrains), without training: updates the stats and orders of benchmarks/out/whatif.json."""
+    import pyarrow.parquet as pq
+
+    result = json.loads(OUT.read_text())
+    started = time.perf_counter()
+    for run in result["runs"]:
+        tag = f"{run['epochs']:g}ep"
+        record = load_record(work / f"train-{tag}")
+        cached = json.loads((work / f"whatif-{tag}" / "whatif.json").read_text())
+        orders = []
+        for r in cached["orders"]:
+            table = pq.read_table(work / f"whatif-{tag}" / "data" / r["name"] / "shards" / "part-00000.parquet",
+                                  columns=["id", "position"]).sort_by("position")
+            orders.append({"name": r["name"], "ids": [str(i) for i in table.column("id").to_pylist()],
+                           "real": r["real"], "estimate_seconds": r["estimate_seconds"]})
+        before = run["stats"]["projected"]
+        run["orders"], run["stats"] = score(record, orders)
+        for s, st in before.items():  # the same cached runs must give the same first-order figures
+            if abs(st["mean_abs_error"] - run["stats"]["projected"][s]["mean_abs_error"]) > 1e-9:
+                raise SystemExit(f"{work}: the cache is not the run in {OUT} ({tag}, {s})")
+    result["reestimated"] = {"commit": os.environ.get("BENCH_COMMIT", "uncommitted"),
+                             "seconds": round(time.perf_counter() - started, 1), "work": str(work)}
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    report(result)
 
 
 def main() -> None:
@@ -125,7 +175,14 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=4)
     parser.add_argument("--long-epochs", type=float, default=3.0)
     parser.add_argument("--work")
+    parser.add_argument("--reestimate", action="store_true",
+                        help="no training: re-score the estimators on --work's cached runs and retrains")
     args = parser.parse_args()
+    if args.reestimate:
+        if not args.work:
+            parser.error("--reestimate needs --work (the folder of a finished run)")
+        reestimate(Path(args.work))
+        return
     import ray
 
     for attempt in range(3):  # a loaded machine can time a local cluster's start-up out
@@ -160,12 +217,16 @@ def main() -> None:
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+    report(result)
+
+
+def report(result: dict) -> None:
     for run in result["runs"]:
         print(f"{run['epochs']:g} epoch(s), {run['steps']} steps: record run {run['record_run_seconds']} s, plain "
               f"{run['plain_retrain_seconds']} s; whatif {run['whatif_seconds_per_order']} s/order")
         for e, per_set in run["stats"].items():
             for s, st in per_set.items():
-                print(f"  {e:9s} {s}: rho {st['spearman']}, MAE {st['mean_abs_error']:.4f}, real spread "
+                print(f"  {e:27s} {s}: rho {st['spearman']}, MAE {st['mean_abs_error']:.4f}, real spread "
                       f"{st['real_spread']:.4f}, ppl err {st['mean_abs_ppl_error']:.3f} at ppl {st['mean_real_ppl']:.1f}")
 
 

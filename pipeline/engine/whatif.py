@@ -196,9 +196,11 @@ def _mean_loss(losses: dict[str, float], metric: str | None) -> float:
 
 def run_whatif(train_dir: str | Path, orders: Sequence[str], out: str | Path | None = None, verify: int = 0,
                metric: str | None = None, address: str | None = None, log: Log = _stderr,
-               estimator: str = "projected") -> dict[str, Any]:
+               estimator: str = "projected", second_order: str | None = None) -> dict[str, Any]:
     """Estimate every order, rank them by estimated held-out loss, retrain ``verify`` top ones and the
-    bottom one; write OUT/whatif.json and OUT/results.md; return the summary."""
+    bottom one; write OUT/whatif.json and OUT/results.md; return the summary. ``second_order``
+    (``trajectory`` or ``bfgs``) ranks by the estimate with that curvature term
+    (``pipeline.train.fut.estimate``); the first-order one is kept beside it."""
     train_dir = Path(train_dir)
     record = load_record(train_dir)
     if not record.meta["eval_sets"]:
@@ -217,13 +219,14 @@ def run_whatif(train_dir: str | Path, orders: Sequence[str], out: str | Path | N
     for spec in specs:
         ids = order_ids(spec, record, table, saved["seed"], address)
         started = time.perf_counter()
-        est = estimate(record, ids, estimator=estimator)
+        est = estimate(record, ids, estimator=estimator, second_order=second_order)
         seconds = time.perf_counter() - started
         results.append({"name": spec.name, "spec": spec.params or (str(spec.path) if spec.path else "reference"),
                         "ids": ids, "estimate": est, "score": _mean_loss(est["final"], metric),
                         "estimate_seconds": round(seconds, 4)})
+        how = f"second order, {second_order}" if second_order else "first order"
         log(f"[whatif] {spec.name}: estimated {', '.join(f'{k} {v:.4f}' for k, v in est['final'].items())} "
-            f"({est['rows_moved']} rows moved, {seconds:.2f} s)")
+            f"({how}, {est['rows_moved']} rows moved, {seconds:.2f} s)")
     results.sort(key=lambda r: (r["score"], r["name"]))
     for rank, r in enumerate(results, 1):
         r["rank"] = rank
@@ -239,27 +242,34 @@ def run_whatif(train_dir: str | Path, orders: Sequence[str], out: str | Path | N
         real = retrain(train_dir, folder, out / "retrain" / r["name"], log)
         r["real"] = real
         r["abs_error"] = {k: abs(r["estimate"]["final"][k] - v) for k, v in real["final"].items()}
-    summary = _summarize(results, record, metric, estimator)
+    summary = _summarize(results, record, metric, estimator, second_order)
     write_json_atomic(out / "whatif.json", {**summary, "orders": [{k: v for k, v in r.items() if k != "ids"}
                                                                  for r in results]}, indent=2)
-    write_text_atomic(out / "results.md", _markdown(results, record))
+    write_text_atomic(out / "results.md", _markdown(results, record, second_order))
     return {**summary, "orders": results, "out": str(out)}
 
 
-def _summarize(results: list[dict[str, Any]], record: Record, metric: str | None, estimator: str) -> dict[str, Any]:
+def _summarize(results: list[dict[str, Any]], record: Record, metric: str | None, estimator: str,
+               second_order: str | None = None) -> dict[str, Any]:
     from pipeline.engine.ablate import spearman
 
     verified = [r for r in results if "real" in r]
     real = [_mean_loss(r["real"]["final"], metric) for r in verified]
     by_estimator = {}
     for name in ESTIMATORS:
-        est = [_mean_loss(r["estimate"]["by_estimator"][name]["final"], metric) for r in verified]
-        errors = [abs(a - b) for a, b in zip(est, real)]
-        by_estimator[name] = {"spearman": spearman(est, real) if len(verified) > 1 else None,
-                              "mean_abs_error": sum(errors) / len(errors) if errors else None}
+        variants = {name: lambda r, n=name: r["estimate"]["by_estimator"][n]}
+        if second_order:
+            variants[f"{name}_second_order"] = lambda r, n=name: r["estimate"]["by_estimator"][n]["second_order"]
+        for label, pick in variants.items():
+            est = [_mean_loss(pick(r)["final"], metric) for r in verified]
+            errors = [abs(a - b) for a, b in zip(est, real)]
+            by_estimator[label] = {"spearman": spearman(est, real) if len(verified) > 1 else None,
+                                   "mean_abs_error": sum(errors) / len(errors) if errors else None}
+    chosen = f"{estimator}_second_order" if second_order else estimator
     return {"ranking": [r["name"] for r in results], "metric": metric or "mean over eval sets",
-            "estimator": estimator, "by_estimator": by_estimator,
-            "spearman": by_estimator[estimator]["spearman"], "mean_abs_error": by_estimator[estimator]["mean_abs_error"],
+            "estimator": estimator, "second_order": second_order, "by_estimator": by_estimator,
+            "spearman": by_estimator[chosen]["spearman"], "mean_abs_error": by_estimator[chosen]["mean_abs_error"],
+            "first_order": {k: by_estimator[estimator][k] for k in ("spearman", "mean_abs_error")},
             "record": {"dim": record.meta["dim"], "anchors": record.meta["anchors"],
                        "storage_bytes": record.meta["storage_bytes"], "total_steps": record.meta["total_steps"]},
             "verified": len(verified),
@@ -267,16 +277,20 @@ def _summarize(results: list[dict[str, Any]], record: Record, metric: str | None
             "retrain_seconds": round(sum(r["real"]["seconds"] for r in verified), 3)}
 
 
-def _markdown(results: list[dict[str, Any]], record: Record) -> str:
+def _markdown(results: list[dict[str, Any]], record: Record, second_order: str | None = None) -> str:
     sets = record.meta["eval_sets"]
-    head = ["rank", "order", "rows moved", *[f"est {s}" for s in sets], *[f"real {s}" for s in sets]]
+    first = [f"1st {s}" for s in sets] if second_order else []
+    head = ["rank", "order", "rows moved", *first, *[f"est {s}" for s in sets], *[f"real {s}" for s in sets]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         real = (r.get("real") or {}).get("final") or {}
-        cells = [str(r["rank"]), r["name"], str(r["estimate"]["rows_moved"]),
-                 *[f"{r['estimate']['final'][s]:.4f}" for s in sets], *[f"{real[s]:.4f}" if s in real else "" for s in sets]]
+        est = r["estimate"]
+        cells = [str(r["rank"]), r["name"], str(est["rows_moved"]),
+                 *([f"{est['first_order_final'][s]:.4f}" for s in sets] if second_order else []),
+                 *[f"{est['final'][s]:.4f}" for s in sets], *[f"{real[s]:.4f}" if s in real else "" for s in sets]]
         lines.append("| " + " | ".join(cells) + " |")
-    return ("Held-out losses estimated without retraining (first order, from the recorded run), and the real "
+    how = f"second order, {second_order} curvature (`1st`: first order)" if second_order else "first order"
+    return (f"Held-out losses estimated without retraining ({how}, from the recorded run), and the real "
             "ones where the order was retrained.\n\n" + "\n".join(lines) + "\n")
 
 

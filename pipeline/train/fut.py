@@ -5,7 +5,8 @@ Estimating the Effects of Sample Training Orders for LLMs without Retraining, 20
 row's gradient preconditioned by Adam's second moment, and the held-out losses' gradients, all
 compressed by one seeded random projection. ``estimate`` replays Adam's momentum and the LR
 schedule in the projected space for another order of the same rows and adds the first-order
-change of each held-out loss to the reference run's. The method and its simplifications are in
+change of each held-out loss to the reference run's, and optionally a second-order term from the
+curvature of the held-out loss along the run's own trajectory. The method and its simplifications are in
 docs/methods.md ("Order effects without retraining").
 """
 
@@ -434,17 +435,75 @@ def replay(record: Record, rows: np.ndarray, vectors: dict[int, np.ndarray],
     return out
 
 
+SECOND_ORDER = ("trajectory", "bfgs")
+
+
+@dataclass(frozen=True)
+class Secant:
+    """One secant pair of a held-out loss along the run: s = P(θ_b − θ_a), y = P(∇L(θ_b) − ∇L(θ_a))."""
+
+    s: np.ndarray
+    y: np.ndarray
+    status: str  # ok | negative | unresolved
+
+    @property
+    def curvature(self) -> float:
+        """κ = ⟨y, s⟩ / ⟨s, s⟩: the mean Hessian over the segment, in the direction s (0 unless ``ok``)."""
+        return float(self.y @ self.s) / float(self.s @ self.s) if self.status == "ok" else 0.0
+
+    def term(self, delta: np.ndarray, model: str) -> float:
+        """½ Δᵀ B Δ for a rank-one B built from this pair: ``trajectory``, B = κ ŝŝᵀ (the curvature
+        where the run measured it, applied to Δ's component along ŝ); ``bfgs``, B = y yᵀ / ⟨y, s⟩ (the
+        first BFGS update from zero, which meets the secant condition B s = y in every direction)."""
+        if self.status != "ok":
+            return 0.0
+        if model == "trajectory":
+            return 0.5 * float(self.y @ self.s) * float(delta @ self.s) ** 2 / float(self.s @ self.s) ** 2
+        return 0.5 * float(self.y @ delta) ** 2 / float(self.y @ self.s)
+
+
+def secant(record: Record, checkpoint: int, name: str) -> Secant:
+    """The secant pair of held-out set ``name``'s loss over the checkpoint pair ending at
+    ``checkpoint`` (the first checkpoint borrows the pair after it: no held-out gradient is recorded at
+    step 0), from the projected weights and held-out gradients the run recorded there. It is used
+    (status ``ok``) only where ⟨y, s⟩ is positive by more than twice the spread a sketched inner
+    product has (|y||s|/√dim); otherwise the term is dropped (status ``negative`` or ``unresolved``)
+    rather than given a sign the data do not support: with negative curvature a quadratic model
+    would reward moving ever further from the reference."""
+    points = record.meta["checkpoints"]
+    if len(points) < 2:
+        raise ConfigError("the second-order term needs held-out gradients at two checkpoints or more; "
+                          "record with train.record.fut.anchors of 2 or more")
+    k = points.index(checkpoint)
+    a, b = (points[k - 1], points[k]) if k else (points[0], points[1])
+    s = record.theta[b] - record.theta[a]
+    y = record.eval_grads[b][name] - record.eval_grads[a][name]
+    ys = float(y @ s)
+    noise = 2.0 * float(np.linalg.norm(y) * np.linalg.norm(s)) / math.sqrt(record.meta["dim"])
+    status = "unresolved" if not s.any() or abs(ys) <= noise else "ok" if ys > 0 else "negative"
+    return Secant(s, y, status)
+
+
 def estimate(record: Record, order: Sequence[str], reference: Sequence[str] | None = None,
-             estimator: str = "projected", interpolate: bool = True) -> dict[str, Any]:
+             estimator: str = "projected", interpolate: bool = True, second_order: str | None = None
+             ) -> dict[str, Any]:
     """Estimated held-out losses (per set, per checkpoint) for training on ``order``, with diagnostics.
 
     ``projected`` (FUT's, the default): the projected weight change at a checkpoint dotted with the
     projected held-out gradient there. ``anchored``: each step's change dotted, exactly, with the held-out
     gradient at that step's anchor (no projection noise; the held-out gradient is the anchor's, not
     the checkpoint's). Both are returned; ``final`` and ``curves`` are ``estimator``'s. The change is
-    taken between two replays through the same code, so the reference order gives the recorded losses."""
+    taken between two replays through the same code, so the reference order gives the recorded losses.
+
+    ``second_order`` (``trajectory`` or ``bfgs``) adds ½ PΔθ_cᵀ B PΔθ_c to both estimators, B a
+    rank-one curvature of the held-out loss from the secant of the run's own trajectory over the
+    checkpoints around c (``Secant.term``). ``final`` and ``curves`` are then second order; the
+    first-order ones stay in ``by_estimator`` and ``first_order_final``, and each diagnostic row gives
+    the term, κ, the secant's status and the term's size against the first-order change."""
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator {estimator!r}: use one of {ESTIMATORS}")
+    if second_order is not None and second_order not in SECOND_ORDER:
+        raise ConfigError(f"second_order {second_order!r}: use one of {SECOND_ORDER} (or none: first order)")
     rows = check_permutation(record, order)
     ref_rows = np.arange(len(record.ids)) if reference is None else check_permutation(record, reference)
     new, ref = replay(record, rows, record.rows, interpolate), replay(record, ref_rows, record.rows, interpolate)
@@ -454,6 +513,7 @@ def estimate(record: Record, order: Sequence[str], reference: Sequence[str] | No
         ref_dots = replay(record, ref_rows, record.dots, interpolate)
     k = record.meta["dim"]
     curves: dict[str, dict[str, dict[str, float]]] = {e: {} for e in ESTIMATORS}
+    curves2: dict[str, dict[str, dict[str, float]]] = {e: {} for e in ESTIMATORS}
     diagnostics = []
     for c in record.meta["checkpoints"]:
         delta = new[c] - ref[c]
@@ -474,10 +534,30 @@ def estimate(record: Record, order: Sequence[str], reference: Sequence[str] | No
             row[f"change_{name}"] = {"projected": projected, "anchored": anchored}
             # The spread of a sketched dot product: about |g||delta| / sqrt(k).
             row[f"projection_sd_{name}"] = float(np.linalg.norm(grad) * np.linalg.norm(delta) / math.sqrt(k))
+            if second_order:
+                pair = secant(record, c, name)
+                term = pair.term(delta, second_order)
+                along = float(delta @ pair.s) / float(np.linalg.norm(pair.s)) if pair.s.any() else 0.0
+                for e, first in (("projected", projected), ("anchored", anchored)):
+                    curves2[e].setdefault(name, {})[str(c)] = base + first + term
+                row[f"second_order_{name}"] = {
+                    "term": term, "curvature": pair.curvature, "status": pair.status, "along_trajectory": along,
+                    # The share of the weight change along the trajectory, where the curvature was measured.
+                    "along_share": abs(along) / row["delta_norm"] if row["delta_norm"] else 0.0,
+                    # The term against the first-order change: near or above 1, the expansion is not converging.
+                    "ratio": {"projected": abs(term) / abs(projected) if projected else 0.0,
+                              "anchored": abs(term) / abs(anchored) if anchored else 0.0}}
         diagnostics.append(row)
     final = str(record.meta["total_steps"])
     finals = {e: {n: v[final] for n, v in curves[e].items()} for e in ESTIMATORS}
-    return {"estimator": estimator, "final": finals[estimator], "curves": curves[estimator],
-            "by_estimator": {e: {"final": finals[e], "curves": curves[e]} for e in ESTIMATORS},
+    by_estimator: dict[str, dict[str, Any]] = {e: {"final": finals[e], "curves": curves[e]} for e in ESTIMATORS}
+    chosen = by_estimator[estimator]
+    if second_order:
+        for e in ESTIMATORS:
+            by_estimator[e]["second_order"] = {"final": {n: v[final] for n, v in curves2[e].items()},
+                                               "curves": curves2[e]}
+        chosen = by_estimator[estimator]["second_order"]
+    return {"estimator": estimator, "second_order": second_order, "final": chosen["final"],
+            "curves": chosen["curves"], "first_order_final": finals[estimator], "by_estimator": by_estimator,
             "reference_final": dict(record.eval_losses.get(int(final), {})),
             "diagnostics": diagnostics, "rows_moved": int((rows != ref_rows).sum())}
