@@ -21,6 +21,7 @@ from pipeline.cli.train import cmd_average, cmd_train
 from pipeline.cli.whatif import add_parsers as add_whatif_parsers
 from pipeline.cli.whatif import cmd_whatif
 from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.core.storage import is_uri
 from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
 from pipeline.engine.report_study import inspect_study, is_study_folder
@@ -72,12 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_folder(out: str | None, name: str) -> Path | str:
+    """``--out`` as a local path, or as it is when it is an object-storage URI (``s3://bucket/runs/x``)."""
+    if out and is_uri(out):
+        return out.rstrip("/")
+    return Path(out) if out else Path("runs") / name
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.sets)
-    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    out = _run_folder(args.out, config.run.name)
     manifest = run_pipeline(config, out, address=args.ray_address)
     counts = manifest["counts"]
-    print(f"run folder: {out.resolve()}")
+    print(f"run folder: {out if isinstance(out, str) else out.resolve()}")
     print(f"  {counts['input_rows']} input rows, {counts['quarantined']} quarantined, "
           f"{counts['output_rows']} rows in {len(manifest['shards'])} shard(s); config {manifest['config_hash'][:12]}")
     return 0
@@ -87,10 +95,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.sets)
     if config.select is None:
         raise ConfigError(f"{args.config}: select: the config has no select: section (rounds, budget, scorer, proxy)")
-    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    out = _run_folder(args.out, config.run.name)
     manifest = run_pipeline(config, out, address=args.ray_address, select=True)
     counts, select = manifest["counts"], manifest["select"]
-    print(f"run folder: {out.resolve()}")
+    print(f"run folder: {out if isinstance(out, str) else out.resolve()}")
     print(f"  {counts['input_rows']} input rows; {select['selected']} selected of {select['rows']} in "
           f"{select['rounds']} round(s) over {select['clusters']} cluster(s); {counts['output_rows']} rows in "
           f"{len(manifest['shards'])} shard(s)")
@@ -109,8 +117,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_run_dir(path: str, command: str) -> Path:
+    if is_uri(path):
+        raise ConfigError(f"curriculum {command} takes a local run folder, not {path!r}; copy it down first "
+                          "(e.g. `aws s3 sync`)")
+    return Path(path)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+    run_dir = _local_run_dir(args.run_dir, "inspect")
     summary, report = inspect_study(run_dir) if is_study_folder(run_dir) else inspect_run(run_dir)
     print(summary)
     print(f"report: {report}")
@@ -118,7 +133,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_run(Path(args.run_dir))
+    report = verify_run(_local_run_dir(args.run_dir, "verify"))
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems:

@@ -14,6 +14,7 @@ import ray.exceptions
 
 from pipeline.core.errors import CurriculumError
 from pipeline.core.settings import RayConfig
+from pipeline.core.storage import worker_env
 
 # The project's top-level packages, shipped to workers with ``ray.ship_code``. Located by spec,
 # not imported, so this module stays below the packages it ships.
@@ -108,6 +109,11 @@ def connect_ray(settings: RayConfig, address: str | None = None) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if settings.ship_code:
         kwargs["runtime_env"] = {"py_modules": [_package_dir(name) for name in _PACKAGES]}
+    env = worker_env(settings.ship_credentials)
+    if address and env:
+        # Workers of a running cluster do not inherit this process's environment; a local cluster
+        # started below does. The values travel in the job's runtime_env (see docs/cluster.md).
+        kwargs["runtime_env"] = {**kwargs.get("runtime_env", {}), "env_vars": env}
     if address:
         enable_token_auth_if_available()
         check_cluster(address)

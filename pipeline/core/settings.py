@@ -24,3 +24,10 @@ class RayConfig(StrictModel):
         description="Ship the pipeline/ and stages/ packages to the cluster's workers through "
         "runtime_env py_modules (for clusters that do not have the project installed).",
     )
+    ship_credentials: bool = Field(
+        False,
+        description="Joining a cluster by address: also send AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+        "AWS_SESSION_TOKEN from this process to its workers in the job's runtime_env (readable by whoever can "
+        "list the cluster's jobs). The endpoint and region variables are always sent; off, the nodes need "
+        "credentials of their own (an instance role, or the variables set where `ray start` ran).",
+    )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import storage
 from pipeline.core.errors import CurriculumError
 from pipeline.core.files import write_json_atomic
 from pipeline.engine.config import Config
@@ -91,5 +93,10 @@ def check_balance(counts: dict[str, int], stages: list[dict[str, Any]]) -> None:
         )
 
 
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(run_dir: Path | str, manifest: dict[str, Any]) -> Path | str:
+    """Write ``manifest.json``, the run folder's completion marker (on object storage: one PUT, last)."""
+    if storage.is_uri(run_dir):
+        uri = f"{run_dir}/manifest.json"
+        storage.write_bytes(uri, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
+        return uri
     return write_json_atomic(run_dir / "manifest.json", manifest, indent=2, ensure_ascii=False)

@@ -3,6 +3,9 @@
 Each step's output is materialized into the stage cache (``pipeline.engine.cache``) before the next
 one starts, so a rerun after a crash, or with a changed parameter, resumes at the first stage
 whose key is not complete. Only counts and small metadata ever come back to the driver.
+
+The run folder may be an ``s3://`` URI (``pipeline.core.storage``): the Ray tasks read and write
+the objects themselves, and the driver only lists, copies inside the store and writes markers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 
 import pipeline
+from pipeline.core import storage
 from pipeline.core.errors import ConfigError, CurriculumError, StageError, UnreadableInputError, find_cause
 from pipeline.core.hashing import sha256_json
 from pipeline.core.paths import expand_input_paths, ignored_input_files
@@ -66,6 +70,8 @@ def pipeline_data_context():
 def _input_fingerprint(config: Config) -> list[Any]:
     """What identifies the input: the files with size and mtime, or the dataset/synthetic spec."""
     cfg = config.input
+    if cfg.format in ("jsonl", "parquet", "text") and cfg.path and storage.is_uri(cfg.path):
+        return [(f, i.size, i.mtime_ns) for f in expand_input_paths(cfg.path, cfg.format) for i in [storage.info(f)]]
     if cfg.format in ("jsonl", "parquet", "text") and cfg.path:
         return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in expand_input_paths(cfg.path, cfg.format)]
     return []
@@ -101,7 +107,7 @@ def _count_by(ds: ray.data.Dataset, column: str) -> dict[str, int]:
     return {str(r[column]): int(r["count()"]) for r in ds.groupby(column).count().take_all()}
 
 
-def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log: Log = _stderr,
+def run_pipeline(config: Config, out_dir: Path | str, address: str | None = None, log: Log = _stderr,
                  select: bool = False) -> dict[str, Any]:
     """Run every stage of ``config`` into ``out_dir`` and return the manifest.
 
@@ -111,7 +117,8 @@ def run_pipeline(config: Config, out_dir: Path, address: str | None = None, log:
     connect_ray(config.ray, address)
     with pipeline_data_context():
         # Absolute, because Ray tasks on other nodes write into it from their own working directory.
-        return _run(config, Path(out_dir).resolve(), log, stage_objects)
+        run_dir = out_dir if storage.is_uri(out_dir) else Path(out_dir).resolve()
+        return _run(config, run_dir, log, stage_objects)
 
 
 def _stage_objects(config: Config, select: bool, log: Log) -> list[Stage]:
@@ -131,9 +138,10 @@ def _stage_objects(config: Config, select: bool, log: Log) -> list[Stage]:
     return [*stages[:-1], step, stages[-1]]  # the order stage is always last
 
 
-def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) -> dict[str, Any]:
+def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stage]) -> dict[str, Any]:
     started = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(out_dir, Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out_dir)
     parallelism = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
     seed = config.run.seed
@@ -201,7 +209,7 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
         if record is None:
             t0 = time.time()
             upstream = cache.read(upstream_dir)
-            ctx = StageContext(run_dir=out_dir, artifact_dir=cache.artifacts(folder), seed=seed,
+            ctx = StageContext(run_dir=cache.work_dir, artifact_dir=cache.artifacts(folder), seed=seed,
                                input_columns=list(upstream.schema().names),
                                placement=place(stage.resources(), *cluster_size()),
                                upstream_artifacts=dict(artifacts))
@@ -234,6 +242,7 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
             log(f"{tag} {rows} -> {rows_out} rows (-{record['dropped']} +{record['added']}) in {record['seconds']:.1f}s"
                 + (f", {rate:,.1f} rows/s" if rate else ""))
         else:
+            cache.fetch_artifacts(folder, record)
             log(f"{tag} cached: {record['rows_in']} -> {record['rows_out']} rows")
         records.append({**record, "cached": was_cached})
         order_info = record.get("order") or order_info
@@ -260,8 +269,17 @@ def _run(config: Config, out_dir: Path, log: Log, stage_objects: list[Stage]) ->
     return manifest
 
 
-def _publish_quarantine(read_dir: Path, out_dir: Path) -> None:
+def _publish_quarantine(read_dir: Path | str, out_dir: Path | str) -> None:
     """Copy the quarantine files out of the stage cache into RUN_DIR/quarantine/."""
+    if isinstance(out_dir, str):  # object storage: copies inside the store, nothing through here
+        target = f"{out_dir}/quarantine"
+        storage.delete_tree(target)
+        sources = [f.uri for f in storage.list_files(f"{read_dir}/quarantine") if f.uri.endswith(".parquet")]
+        for index, source in enumerate(sources):
+            fs, path = storage.filesystem(source)
+            if pq.read_metadata(path, filesystem=fs).num_rows:
+                storage.copy_file(source, f"{target}/part-{index:05d}.parquet")
+        return
     target = out_dir / "quarantine"
     staging = out_dir / ".quarantine.tmp"
     shutil.rmtree(staging, ignore_errors=True)

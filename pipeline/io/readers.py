@@ -25,16 +25,18 @@ to ``RAW_LIMIT`` characters, so a 50 MB rejected document does not become a 50 M
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.core import storage
 from pipeline.core.errors import ConfigError, CurriculumError, UnreadableInputError
 from pipeline.core.hashing import content_id
 from pipeline.core.paths import expand_input_paths
@@ -206,6 +208,14 @@ def _bad_row(source: str, seq: int, raw: str, reason: str) -> dict[str, Any]:
             "_reason": reason, "_raw": cut_raw(raw)}
 
 
+def _open_binary(path: str) -> IO[bytes]:
+    """A local file or an object (``s3://``), un-gzipped when its name ends in ``.gz``."""
+    if not storage.is_uri(path):
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    stream = io.BufferedReader(storage.open_input(path), buffer_size=1 << 20)  # arrow files have no readline
+    return gzip.GzipFile(fileobj=stream, mode="rb") if path.endswith(".gz") else stream
+
+
 def _decode(data: bytes) -> tuple[str, str | None]:
     """Text and None, or a lossless-for-reading rendering of the bytes and why they are invalid."""
     try:
@@ -219,8 +229,7 @@ class JsonlDatasource(_ChunkedDatasource):
 
     def read_unit(self, unit: tuple[int, str]) -> Iterator[dict[str, Any]]:
         file_index, path = unit
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as fh:
+        with _open_binary(path) as fh:
             for line_no, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -250,7 +259,7 @@ class ParquetDatasource(_ChunkedDatasource):
 
         file_index, path = unit
         row_number = 0
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.open_input(path) if storage.is_uri(path) else path)
         self._check_schema(parquet.schema_arrow, path)
         for batch in parquet.iter_batches(batch_size=self.block_rows):
             columns = {}
@@ -301,7 +310,7 @@ class TextDatasource(_ChunkedDatasource):
 
     def read_unit(self, unit: tuple[int, str]) -> Iterator[dict[str, Any]]:
         file_index, path = unit
-        text, bad_utf8 = _decode(Path(path).read_bytes())
+        text, bad_utf8 = _decode(storage.read_bytes(path) if storage.is_uri(path) else Path(path).read_bytes())
         if bad_utf8:
             yield _bad_row(path, _seq(file_index, 0), text, bad_utf8)
         else:
@@ -366,6 +375,8 @@ def load_hf_dataset(hf_kwargs: dict[str, Any]):
 
 
 def _relative(path: str, root: str) -> str:
+    if storage.is_uri(path):
+        return path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else storage.name(path)
     try:
         return str(Path(path).relative_to(root))
     except ValueError:
@@ -406,6 +417,9 @@ def read_input(cfg: InputConfig, seed: int, parallelism: int) -> ray.data.Datase
     elif cfg.format == "parquet":
         datasource = ParquetDatasource(units, checker, cfg.lines_per_block)
     else:
-        root = cfg.path if Path(cfg.path).is_dir() else str(Path(files[0]).parent)
+        if storage.is_uri(cfg.path):
+            root = cfg.path if storage.is_dir(cfg.path) else files[0].rpartition("/")[0]
+        else:
+            root = cfg.path if Path(cfg.path).is_dir() else str(Path(files[0]).parent)
         datasource = TextDatasource(units, checker, cfg.lines_per_block, root)
     return ray.data.read_datasource(datasource, override_num_blocks=max(1, min(parallelism, len(units))))

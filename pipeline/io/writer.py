@@ -6,12 +6,17 @@ by position and cast to one schema, so no process ever holds more than one shard
 written under a temporary name and renamed; the whole shard set is built in a staging folder
 and swapped in at the end, so a crash never leaves a mixture of two runs.
 
+On object storage (``run_dir`` an ``s3://`` URI) there is no rename: the run's ``manifest.json``
+and the old shards are deleted first, each Ray task PUTs its shard whole, and the runner writes
+the manifest last, so a folder without a manifest is never read as a finished run.
+
 The bytes of a shard depend only on its rows: the column order is fixed (``id``, ``text``,
 ``position``, then the rest in upstream order), and the parquet writer settings are fixed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -23,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
+from pipeline.core import storage
 from pipeline.core.errors import CurriculumError
 from pipeline.core.hashing import sha256_file
 
@@ -50,24 +56,28 @@ def _write_one_shard(group: pa.Table, folder: str, schema: pa.Schema, compressio
     index = int(group["_shard"][0].as_py())
     table = pa.table({f.name: group[f.name].cast(f.type) for f in schema}, schema=schema)
     name = f"part-{index:05d}.parquet"
-    final = Path(folder) / name
-    tmp = Path(folder) / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(
-        table,
-        tmp,
-        compression=None if compression == "none" else compression,
-        row_group_size=min(table.num_rows, 100_000) or None,
-        write_statistics=True,
-    )
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.rename(final)
+    settings = {"compression": None if compression == "none" else compression,
+                "row_group_size": min(table.num_rows, 100_000) or None, "write_statistics": True}
+    if storage.is_uri(folder):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **settings)
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes(f"{folder}/{name}", data)
+        digest = hashlib.sha256(data).hexdigest()
+    else:
+        final = Path(folder) / name
+        tmp = Path(folder) / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table, tmp, **settings)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.rename(final)
+        digest = sha256_file(final)
     return pa.table(
         {
             "index": [index],
             "path": [f"shards/{name}"],
             "rows": [table.num_rows],
-            "sha256": [sha256_file(final)],
+            "sha256": [digest],
             "first_position": [int(table["position"][0].as_py())],
             "last_position": [int(table["position"][-1].as_py())],
         }
@@ -76,7 +86,7 @@ def _write_one_shard(group: pa.Table, folder: str, schema: pa.Schema, compressio
 
 def write_shards(
     ds: ray.data.Dataset,
-    run_dir: Path,
+    run_dir: Path | str,
     rows_per_shard: int,
     compression: str = "zstd",
     drop_columns: set[str] | None = None,
@@ -85,8 +95,14 @@ def write_shards(
     schema = ds.schema()
     arrow_schema = schema.base_schema if schema is not None else pa.schema([])
     target = shard_schema(arrow_schema, drop_columns)
-    staging = run_dir / f".shards.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    if storage.is_uri(run_dir):
+        storage.delete_file(f"{run_dir}/manifest.json")
+        staging: Path | str = f"{run_dir}/shards"
+        storage.delete_tree(staging)
+    else:
+        run_dir = Path(run_dir)
+        staging = run_dir / f".shards.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
 
     def tag(table: pa.Table) -> pa.Table:
         return table.append_column("_shard", pc.divide(table["position"], rows_per_shard))
@@ -99,12 +115,13 @@ def write_shards(
     entries = sorted(entries_ds.take_all(), key=lambda e: e["index"])
     _check_contiguous(entries, rows_per_shard)
 
-    final = run_dir / "shards"
-    old = run_dir / f".shards.old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if isinstance(staging, Path):
+        final = run_dir / "shards"
+        old = run_dir / f".shards.old-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     return [{k: e[k] for k in ("path", "rows", "sha256", "first_position", "last_position")} for e in entries]
 
 

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import ConfigError, CurriculumError
-from pipeline.io.runfolder import shard_files
+from pipeline.io.runfolder import open_shard, shard_files, shard_metadata
 from pipeline.train.augment import masked_positions
 from pipeline.train.token_source import (
     EOS,
@@ -137,8 +136,8 @@ class _Source:
         self.columns = columns
         self.file_rows: list[int] = []
         for f in self.files:
-            meta = pq.read_metadata(f)
-            names = pq.read_schema(f).names
+            meta = shard_metadata(f)
+            names = meta.schema.to_arrow_schema().names
             for column in (*columns, "position"):
                 if column not in names:
                     raise ConfigError(f"{f}: no {column!r} column (columns: {names})")
@@ -164,7 +163,7 @@ class _Source:
 
     def _file_chunks(self, index: int, epoch: int, start: int,
                      chunk_rows: int) -> Iterator[tuple[int, int, list[list[str]]]]:
-        pf = pq.ParquetFile(self.files[index])
+        pf = open_shard(self.files[index])
         rg_rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         rg_starts = np.cumsum([0, *rg_rows])
         first_rg = int(np.searchsorted(rg_starts, start, side="right") - 1)

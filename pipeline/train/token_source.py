@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import CurriculumError
+from pipeline.core.storage import is_uri
 from pipeline.io.runfolder import read_manifest
 from pipeline.io.token_shards import FOLDER, TokenShard, TokenShards, vocab_sha256
 
@@ -45,6 +46,8 @@ def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str,
     The text shards' sha256 (the run manifest against the token manifest) proves the token shards
     were made from these rows; ``rows``, when given, is checked too.
     """
+    if is_uri(run_dir):
+        return None, "token shards are read from local run folders only (this one is on object storage)"
     run_dir = Path(run_dir)
     if not (run_dir / FOLDER / "manifest.json").is_file():
         return None, "no token shards"

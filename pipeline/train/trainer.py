@@ -27,7 +27,9 @@ from pipeline.core.files import write_json_atomic
 from pipeline.core.hashing import sha256_json, uniform
 from pipeline.core.ray_session import connect_ray
 from pipeline.core.settings import RayConfig, RunConfig
-from pipeline.io.runfolder import read_manifest, shard_files
+from pipeline.core.storage import is_uri
+from pipeline.core.storage import name as storage_name
+from pipeline.io.runfolder import has_manifest, local_artifact, open_shard, read_manifest, run_dir_label, shard_files
 from pipeline.models.lm import build_causal_lm, compute_dtype, load_causal_lm, resolve_device, train_bpe_tokenizer
 from pipeline.train.augment import add_mask_token, mask_token_id
 from pipeline.train.averaging import average_checkpoints
@@ -92,8 +94,12 @@ class TrainPlan:
     fingerprint: str = ""
 
 
-def default_paths(config: JobConfig, data: str | Path | None, out: str | Path | None) -> tuple[Path, Path]:
-    data_dir = Path(data) if data else Path("runs") / config.run.name
+def default_paths(config: JobConfig, data: str | Path | None, out: str | Path | None) -> tuple[Path | str, Path]:
+    """(run folder, training folder); the run folder may be an object-storage URI (``s3://...``)."""
+    if data and is_uri(data):
+        data_dir: Path | str = str(data).rstrip("/")
+    else:
+        data_dir = Path(data) if data else Path("runs") / config.run.name
     out_dir = Path(out) if out else Path("runs") / f"{config.run.name}-train"
     return data_dir, out_dir
 
@@ -102,11 +108,11 @@ def plan_training(config: JobConfig, data: str | Path | None = None, out: str | 
     """Validate what can be checked before anything is written; ConfigError otherwise."""
     train = TrainConfig.model_validate(config.train or {})
     data_dir, out_dir = default_paths(config, data, out)
-    if not (data_dir / "manifest.json").is_file():
+    if not has_manifest(data_dir):
         raise ConfigError(f"{data_dir}: not a run folder (no manifest.json); run `curriculum run CONFIG` "
                           "first, or pass --data RUN_DIR")
     check_data_columns(train, data_dir)
-    if out_dir.resolve() == data_dir.resolve():
+    if isinstance(data_dir, Path) and out_dir.resolve() == data_dir.resolve():
         raise ConfigError("--out must differ from the run folder (--data)")
     check_eval_sets(train.eval.sets)
     for label, path in (("train.tokenizer", train.tokenizer), ("train.model.pretrained", train.model.pretrained)):
@@ -140,22 +146,20 @@ def data_columns(train: TrainConfig) -> dict[str, str]:
     return {"prompt_field": data.prompt_field, "response_field": data.response_field}
 
 
-def check_data_columns(train: TrainConfig, data_dir: Path) -> None:
+def check_data_columns(train: TrainConfig, data_dir: Path | str) -> None:
     """Every shard has the columns ``train.data`` names; ConfigError naming the key otherwise."""
-    import pyarrow.parquet as pq
-
     for f in shard_files(data_dir):
-        names = pq.read_schema(f).names
+        names = open_shard(f).schema_arrow.names
         for key, column in data_columns(train).items():
             if column not in names:
                 extra = [n for n in names if n not in ("id", "position")]
-                raise ConfigError(f"train.data.{key}: the shards have no column {column!r} ({f.name} has {extra}); "
+                raise ConfigError(f"train.data.{key}: the shards have no column {column!r} ({storage_name(f)} has {extra}); "
                                   "the run keeps an input record's extra fields as columns of the same name")
 
 
 def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
     """What fixes the trajectory: a changed value here makes old checkpoints unusable."""
-    manifest = read_manifest(Path(plan.data_dir))
+    manifest = read_manifest(plan.data_dir)
     shards = [s.get("sha256") for s in manifest.get("shards", [])]
     train = plan.train.model_dump(mode="json", exclude={*_FREE_KEYS, *_NUMERICS_KEYS})
     # Sections added later are left out at their defaults, so older training folders still resume.
@@ -173,7 +177,7 @@ def _fingerprint(plan: TrainPlan, tokenizer: Any) -> str:
 def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     """(tokenizer, where it came from); see the module docstring for the order."""
     train = plan.train
-    data_dir, out_dir = Path(plan.data_dir), Path(plan.out_dir)
+    data_dir, out_dir = plan.data_dir, Path(plan.out_dir)
     if train.tokenizer:
         return _load_tokenizer(train.tokenizer, train.model.trust_remote_code), f"train.tokenizer {train.tokenizer}"
     if train.model.pretrained:
@@ -182,7 +186,7 @@ def resolve_tokenizer(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
     manifest = read_manifest(data_dir)
     reference = (manifest.get("artifacts") or {}).get("reference_lm")
     if reference:
-        return _load_tokenizer(str(data_dir / reference), False), f"reference LM {reference}"
+        return _load_tokenizer(str(local_artifact(data_dir, reference)), False), f"reference LM {reference}"
     saved = out_dir / "tokenizer"
     marker = saved / "curriculum_tokenizer.json"
     if marker.is_file():
@@ -220,16 +224,14 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
     return tokenizer
 
 
-def _tokenizer_sample(data_dir: Path, docs: int, seed: int, columns: list[str]) -> list[str]:
+def _tokenizer_sample(data_dir: Path | str, docs: int, seed: int, columns: list[str]) -> list[str]:
     """About ``docs`` documents (``columns`` joined) drawn by a seeded hash of their id; sorted by id."""
-    import pyarrow.parquet as pq
-
     files = shard_files(data_dir)
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    rows = sum(open_shard(f).metadata.num_rows for f in files)
     share = min(1.0, docs / max(rows, 1))
     picked: list[tuple[str, str]] = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=2048, columns=["id", *columns]):
+        for batch in open_shard(f).iter_batches(batch_size=2048, columns=["id", *columns]):
             ids = batch.column(0).to_pylist()
             parts = [batch.column(i + 1).to_pylist() for i in range(len(columns))]
             texts = ["".join(p or "" for p in row) for row in zip(*parts)]
@@ -628,7 +630,7 @@ def prepare_output(plan: TrainPlan, log: Log = _stderr) -> tuple[Any, str]:
         shutil.rmtree(saved)
     tmp.rename(saved)
     (out_dir / "train_config.json").write_text(json.dumps(
-        {"train": plan.train.model_dump(mode="json"), "data": str(Path(plan.data_dir).resolve()), "seed": plan.seed,
+        {"train": plan.train.model_dump(mode="json"), "data": run_dir_label(plan.data_dir), "seed": plan.seed,
          "total_steps": plan.total_steps, "tokenizer": source, "fingerprint": plan.fingerprint}, indent=2) + "\n")
     return tokenizer, source
 
@@ -706,7 +708,7 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
         "averaged": results["averaged"],
         "averaging": averaging,
         "schedule": last_state["schedule"],
-        "data": str(Path(plan.data_dir).resolve()),
+        "data": run_dir_label(plan.data_dir),
         "tokenizer": json.loads((out_dir / "tokenizer" / "curriculum_tokenizer.json").read_text())["source"],
         "workers": cfg.workers,
         "device": device,
@@ -720,9 +722,8 @@ def finalize(plan: TrainPlan, tokenizer: Any, stats: dict[str, Any], log: Log = 
 
 
 def _rows(plan: TrainPlan) -> int:
-    import pyarrow.parquet as pq
 
-    return max(1, sum(pq.read_metadata(f).num_rows for f in shard_files(plan.data_dir)))
+    return max(1, sum(open_shard(f).metadata.num_rows for f in shard_files(plan.data_dir)))
 
 
 def run_training(config: JobConfig, data: str | Path | None = None, out: str | Path | None = None,
