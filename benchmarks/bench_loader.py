@@ -243,7 +243,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--chunk-rows", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="also time the loader with this many tokenizer workers")
-    parser.add_argument("--token-epochs", type=int, default=10, help="epochs of the second token-shard comparison")
+    parser.add_argument("--token-epochs", type=int, default=40, help="epochs of the second token-shard comparison")
     parser.add_argument("--token-seq-len", type=int, default=1024, help="the third comparison's sequence length")
     parser.add_argument("--token-batch-size", type=int, default=16, help="the third comparison's batch size")
     parser.add_argument("--quick", action="store_true", help="1000 documents, 2 repeats")

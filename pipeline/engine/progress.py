@@ -3,7 +3,8 @@
 On a terminal Ray Data draws its own progress bars. A log file gets one line every
 ``CURRICULUM_PROGRESS_SECONDS`` (default 30 s when stderr is not a terminal, off on a terminal;
 0 turns it off) while a stage runs, counted from the parquet files the stage has finished writing
-into its cache folder, so the count costs a footer read per new file and nothing on the workers.
+into its cache folder (its ``.*.tmp-*`` parts locally; the ``data``/``dropped`` objects, written in
+place, on object storage), so the count costs a footer read per new file and nothing on the workers.
 A stage that writes only at the end (a global sort) shows its elapsed time until then.
 """
 
@@ -17,7 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from pipeline.core import storage
+from pipeline.io.runfolder import shard_metadata
 
 Log = Callable[[str], None]
 ENV = "CURRICULUM_PROGRESS_SECONDS"
@@ -35,17 +37,27 @@ def progress_interval() -> float:
 
 
 class RowsWritten:
-    """Rows in the finished parquet files under a stage's cache folder (its ``.*.tmp-*`` parts)."""
+    """Rows in the finished parquet files a running stage has written into its cache folder."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path | str):
         self.folder = folder
-        self._rows: dict[Path, int] = {}  # finished files never change: read each footer once
+        self._rows: dict[str, int] = {}  # finished files never change: read each footer once
+
+    def _files(self) -> list[str]:
+        if storage.is_uri(self.folder):
+            return [f.uri for part in ("data", "dropped") for f in storage.list_files(f"{self.folder}/{part}")
+                    if f.uri.endswith(".parquet")]
+        return [str(f) for f in Path(self.folder).glob(".*.tmp-*/*.parquet")]
 
     def __call__(self) -> int:
-        for file in self.folder.glob(".*.tmp-*/*.parquet"):
+        try:
+            files = self._files()
+        except OSError:  # the folder is being created or swapped in: count again next time
+            files = []
+        for file in files:
             if file not in self._rows:
                 try:
-                    self._rows[file] = pq.read_metadata(file).num_rows
+                    self._rows[file] = shard_metadata(file).num_rows
                 except (OSError, ValueError):  # still being written: no footer yet
                     continue
         return sum(self._rows.values())
@@ -72,7 +84,7 @@ def progress_line(tag: str, done: int, total: int, elapsed: float) -> str:
 
 
 @contextmanager
-def progress_lines(folder: Path, total: int, tag: str, log: Log, interval: float | None = None) -> Iterator[None]:
+def progress_lines(folder: Path | str, total: int, tag: str, log: Log, interval: float | None = None) -> Iterator[None]:
     """Log a progress line every ``interval`` seconds while the body runs (none when it is 0)."""
     interval = progress_interval() if interval is None else interval
     if interval <= 0:
