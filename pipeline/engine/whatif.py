@@ -26,6 +26,7 @@ from pipeline.core.files import write_json_atomic, write_text_atomic
 from pipeline.core.hashing import sha256_file
 from pipeline.core.ray_session import connect_ray
 from pipeline.core.settings import RayConfig, RunConfig
+from pipeline.engine.ablate import Job
 from pipeline.io.runfolder import shard_files
 from pipeline.train.fut import ESTIMATORS, Record, estimate, load_record
 from pipeline.train.trainer import run_training
@@ -152,13 +153,6 @@ def write_order_folder(folder: Path, table: Any, ids: Sequence[str], what: dict[
 # --------------------------------------------------------------------------- retraining
 
 
-@dataclass
-class _Job:
-    run: RunConfig
-    ray: RayConfig
-    train: dict[str, Any]
-
-
 def retrain(train_dir: Path, data_dir: Path, out: Path, log: Log) -> dict[str, Any]:
     """Train ``data_dir`` with the reference run's config (no record, no averaging; an eval at every
     FUT checkpoint) and tokenizer; (final losses, per-checkpoint losses, seconds)."""
@@ -169,7 +163,7 @@ def retrain(train_dir: Path, data_dir: Path, out: Path, log: Log) -> dict[str, A
     every = max(1, total // int(fut.get("anchors", 4)))
     train.update(record={}, averaging={"method": "none"}, tokenizer=str((train_dir / "tokenizer").resolve()),
                  seed=saved["seed"], eval={**train["eval"], "every": every})
-    job = _Job(RunConfig(name="whatif", seed=saved["seed"]), RayConfig(), train)
+    job = Job(RunConfig(name="whatif", seed=saved["seed"]), RayConfig(), train)
     started = time.perf_counter()
     summary = run_training(job, data_dir, out, log=log)
     seconds = time.perf_counter() - started
