@@ -13,7 +13,8 @@ here and ``embed`` -> ``cluster``, and orders by quality inside clusters.
   workers' memory is not counted and anything collected to the driver is. Bound: <= 2 GiB.
 
 ``python benchmarks/bench_scale.py [--sizes 10000,100000,1000000] [--heavy-docs 100000]
-[--no-heavy]``. Writes ``benchmarks/out/scale.json``; the run folders go to
+[--no-heavy | --only-heavy]``; ``--only-heavy`` reruns the heavy pipeline and keeps the light
+figures already in the JSON. Writes ``benchmarks/out/scale.json``; the run folders go to
 ``benchmarks/out/scale/`` and are deleted after each size unless ``--keep``.
 """
 
@@ -77,6 +78,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--heavy-docs", type=int, default=100_000)
     parser.add_argument("--no-heavy", action="store_true")
+    parser.add_argument("--only-heavy", action="store_true", help="rerun the heavy pipeline only; keep the light "
+                        "results already in scale.json")
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -86,7 +89,11 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     load_start = os.getloadavg()
-    results = [run_size(address, docs, LIGHT, "light", args.keep) for docs in sizes]
+    if args.only_heavy:
+        previous = json.loads((OUT_DIR / "scale.json").read_text())
+        results = [r for r in previous["results"] if r["pipeline"] == "light"]
+    else:
+        results = [run_size(address, docs, LIGHT, "light", args.keep) for docs in sizes]
     if not args.no_heavy:
         results.append(run_size(address, args.heavy_docs, HEAVY, "heavy", args.keep))
     ray.shutdown()

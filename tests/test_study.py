@@ -9,10 +9,12 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.cli import main
 from pipeline.core.errors import ConfigError
 from pipeline.engine.study import DONE, run_study, validate_study
+from tests.kill_harness import completed, draw_kill, killed
 
 # 2 orders x 2 schedules x 2 seeds, ~11 steps of 4 x 32 tokens on a 1-layer GPT-2 of width 32.
 TINY = {
@@ -142,6 +144,28 @@ def test_rerun_redoes_only_unfinished_runs_and_reports_a_failure(study_dir: Path
     effects = {(e["schedule"], e["averaging"]): e for e in _csv(study_dir / "effects.csv")}
     assert effects[("cosine_300", "none")]["pairs"] == "1" and effects[("constant", "none")]["pairs"] == "2"
     assert "Failed runs" in (study_dir / "results.md").read_text()
+
+
+def test_killed_mid_arm_resumes_to_the_same_results(study_dir: Path, ray_address: str, tmp_path: Path):
+    """SIGKILL `curriculum study` while an arm trains (seeded kill point, tests/kill_harness.py): the
+    rerun resumes that arm from its checkpoints, and every arm's losses are the uninterrupted study's."""
+    raw = copy.deepcopy(TINY)
+    raw["study"]["schedules"] = {"constant": {"kind": "constant"}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "killed"
+    args = ["study", str(config), "--out", str(out), "--ray-address", ray_address]
+    kill = draw_kill(1700, "arm", 3)  # at most three checkpoints are kept per arm at a time
+    killed(args, kill)
+    assert not (out / "results.json").exists()
+
+    assert completed(args, str(kill)).returncode == 0
+    logs = [p.read_text() for p in (out / "arms").glob("*/train.log")]
+    assert any("resuming from step-" in log for log in logs), f"[{kill}] no arm resumed from a checkpoint"
+    for arm in ("uniform__constant__s0", "uniform__constant__s1", "ascending__constant__s0", "ascending__constant__s1"):
+        mine = json.loads((out / "arms" / arm / "result.json").read_text())
+        theirs = json.loads((study_dir / "arms" / arm / "result.json").read_text())
+        assert mine["losses"] == theirs["losses"] and mine["curve"] == theirs["curve"], f"[{kill}] {arm} differs"
 
 
 @pytest.mark.parametrize("override, key", [

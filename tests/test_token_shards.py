@@ -233,6 +233,19 @@ def test_loader_refuses_token_shards_of_another_tokenizer(run_dir: Path, bpe_run
         CurriculumLoader(run_dir, other, 32, 2, token_shards=True)
 
 
+def test_vocabulary_hash_is_memoized_per_tokenizer_until_it_grows(run_dir: Path) -> None:
+    from pipeline.io.token_shards import vocab_sha256
+    from pipeline.models.lm import train_bpe_tokenizer
+    from pipeline.train.token_source import tokenizer_vocab_sha256
+
+    tokenizer = train_bpe_tokenizer([t for t, _ in _texts(run_dir)][:50], vocab_size=300)
+    first = tokenizer_vocab_sha256(tokenizer)
+    assert first == vocab_sha256(tokenizer.get_vocab()) == tokenizer_vocab_sha256(tokenizer)
+    tokenizer.add_tokens(["<a-new-token>"])
+    grown = tokenizer_vocab_sha256(tokenizer)
+    assert grown != first and grown == vocab_sha256(tokenizer.get_vocab())
+
+
 def test_map_npy_maps_what_np_load_reads_and_refuses_a_cut_file(tmp_path: Path) -> None:
     from pipeline.io.token_shards import map_npy
 

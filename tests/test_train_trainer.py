@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.train.schedules import lr_at, make_schedule
+from tests.kill_harness import Kill
 from tests.test_train_loader import RUN_CONFIG, build_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,39 +120,31 @@ def test_outputs_follow_the_contract(reference: tuple[Path, Path]):
     assert torch.allclose(averaged[key].double(), expected, atol=1e-6)
 
 
-def test_exact_resume_after_sigkill(reference: tuple[Path, Path], run_dir: Path, tmp_path: Path):
+def test_exact_resume_after_sigkill_mid_checkpoint_write(reference: tuple[Path, Path], run_dir: Path, tmp_path: Path):
+    """SIGKILL inside a seeded checkpoint write (weights on disk, optimizer state and rename not yet)."""
     config, ref_out = reference
     out = tmp_path / "killed"
-    seed = int(os.environ.get("TRAIN_KILL_SEED", random.SystemRandom().randrange(10**6)))
-    kill_after = random.Random(seed).randint(6, 33)  # a metrics line past a few checkpoints (steps 1, 4, 7, …)
-    proc = subprocess.Popen(_train_cmd(config, run_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env(), text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.is_file() and metrics.read_text().count("\n") >= kill_after:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"(seed {seed}) the run was not killed: {proc.stderr.read()[-2000:]}"
+    seed = int(os.environ.get("TRAIN_KILL_SEED", 1500))
+    # 14 checkpoint writes (steps 1, 4, …, 40); from the 2nd on, so the rerun has one to resume from.
+    kill = Kill(seed, "checkpoint", random.Random(seed).randint(2, 13))
+    env = {**_env(), "CURRICULUM_KILL_AT": kill.point}
+    proc = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"[{kill}] the run was not killed: {proc.stderr[-2000:]}"
     assert not (out / "summary.json").exists()
+    assert list((out / "checkpoints").glob(".step-*.tmp-*")), f"[{kill}] no half-written checkpoint was left"
 
     resumed = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step-" in resumed.stderr, f"(seed {seed}, killed after line {kill_after})"
+    assert "resuming from step-" in resumed.stderr, f"[{kill}]"
+    assert not list((out / "checkpoints").glob(".step-*.tmp-*"))
     # Every metrics line, the ones rewritten after the resume point included, is identical.
-    assert (out / "metrics.jsonl").read_text() == (ref_out / "metrics.jsonl").read_text(), f"seed {seed}"
+    assert (out / "metrics.jsonl").read_text() == (ref_out / "metrics.jsonl").read_text(), f"[{kill}]"
     assert (out / "trace" / "rank-0.jsonl").read_text() == (ref_out / "trace" / "rank-0.jsonl").read_text()
     for name in ("final", "averaged"):
         a = load_file(str(out / name / "model.safetensors"))
         b = load_file(str(ref_out / name / "model.safetensors"))
         assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ (seed {seed})"
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ [{kill}]"
     s1 = json.loads((out / "summary.json").read_text())
     s2 = json.loads((ref_out / "summary.json").read_text())
     assert s1["final"] == s2["final"] and s1["averaged"] == s2["averaged"]

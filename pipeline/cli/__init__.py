@@ -21,6 +21,7 @@ from pipeline.cli.train import cmd_average, cmd_train
 from pipeline.cli.whatif import add_parsers as add_whatif_parsers
 from pipeline.cli.whatif import cmd_whatif
 from pipeline.core.errors import ConfigError, CurriculumError
+from pipeline.core.faults import planned_kill
 from pipeline.core.storage import is_uri
 from pipeline.engine.config import load_config
 from pipeline.engine.report import inspect_run
@@ -152,6 +153,7 @@ COMMANDS = {"run": _cmd_run, "verify": _cmd_verify,
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        planned_kill()  # a malformed CURRICULUM_KILL_AT is a config error before any work starts
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"curriculum: config error: {exc}", file=sys.stderr)

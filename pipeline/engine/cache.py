@@ -170,6 +170,8 @@ class StageCache:
         if storage.is_uri(folder):
             return _write_objects(ds, folder, part)
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f".{part}.tmp-*"):  # left by a run killed mid-stage
+            shutil.rmtree(stale, ignore_errors=True)
         final = folder / part
         tmp = folder / f".{part}.tmp-{uuid.uuid4().hex[:8]}"
         ds.write_parquet(str(tmp))

@@ -28,6 +28,7 @@ from ray.data.context import ShuffleStrategy
 import pipeline
 from pipeline.core import storage
 from pipeline.core.errors import ConfigError, CurriculumError, StageError, UnreadableInputError, find_cause
+from pipeline.core.faults import kill_when_written
 from pipeline.core.hashing import sha256_json
 from pipeline.core.paths import expand_input_paths, ignored_input_files
 from pipeline.core.ray_session import connect_ray
@@ -170,7 +171,8 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
         if result.input_rows == 0:
             raise CurriculumError(f"input: no records in {config.input.path or config.input.format!r} "
                                   "(empty files, or only blank lines)")
-        good_rows = cache.write(result.good, read_dir, "data")
+        with kill_when_written("stage:read", read_dir, ".data.tmp-*/*.parquet"):
+            good_rows = cache.write(result.good, read_dir, "data")
         quarantined = cache.write(result.quarantine, read_dir, "quarantine")
         read_record = {"name": "read", "key": read_key, "input_rows": result.input_rows, "quarantined": quarantined,
                        "rows_out": good_rows, "extra_columns": result.extra_columns,
@@ -214,7 +216,8 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
                                placement=place(stage.resources(), *cluster_size()),
                                upstream_artifacts=dict(artifacts))
             try:
-                with progress_lines(folder, rows, tag, log):
+                with progress_lines(folder, rows, tag, log), \
+                        kill_when_written(f"stage:{stage.name}", folder, ".data.tmp-*/*.parquet"):
                     out = stage.apply(upstream, ctx)
                     dropped_by: dict[str, int] = {}
                     if stage.may_drop():
@@ -255,7 +258,8 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
     # Only the columns a stage declared cache-only; an input field that happens to be called
     # "embedding..." is the user's data and passes through.
     drop = set() if config.output.keep_embeddings else {c for s in stage_objects for c in s.cache_only_columns}
-    shards = write_shards(final, out_dir, config.output.rows_per_shard, config.output.compression, drop)
+    with kill_when_written("write", out_dir, ".shards.tmp-*/part-*.parquet"):
+        shards = write_shards(final, out_dir, config.output.rows_per_shard, config.output.compression, drop)
     write_seconds = round(time.time() - t0, 3)
     log(f"[write] {rows} rows -> {len(shards)} shard(s) in {write_seconds:.1f}s")
     _publish_quarantine(read_dir, out_dir)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import ConfigError, CurriculumError, FieldError
+from pipeline.core.faults import kill_when_written
 from pipeline.core.files import read_json_or_none, write_json_atomic, write_text_atomic
 from pipeline.core.hashing import sha256_json
 from pipeline.core.ray_session import connect_ray
@@ -438,8 +439,6 @@ def _done(arm_dir: Path, fingerprint: str) -> dict[str, Any] | None:
 def run_study(study: Study, out: str | Path | None = None, address: str | None = None,
               log: Log = _stderr) -> dict[str, Any]:
     """Run (or resume) the grid and write the tables and plots; returns the results (``results.json``)."""
-    import ray
-
     out = Path(out) if out else default_out(study)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -476,23 +475,8 @@ def run_study(study: Study, out: str | Path | None = None, address: str | None =
         f"({max_tokens or 'train.max_tokens'} tokens each)")
     args = [(job, arm.__dict__, str(source), str(arm_dir), methods, eval_names, study.study.keep_checkpoints)
             for arm, job, source, arm_dir in pending]
-    if study.study.parallel:
-        task = ray.remote(run_arm).options(num_cpus=study.study.cpus_per_arm, num_gpus=study.study.gpus_per_arm,
-                                           max_retries=0)
-        refs = {task.remote(*a): arm for a, (arm, *_rest) in zip(args, pending)}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            arm = refs.pop(ready[0])
-            try:
-                results[arm.name] = ray.get(ready[0])
-            except Exception as exc:  # noqa: BLE001 - a crashed worker (killed, out of memory)
-                results[arm.name] = {**arm.__dict__, "status": "failed", "error": f"{type(exc).__name__}: "
-                                     f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"}
-            _log_arm(results[arm.name], len(results) - skipped, len(pending), log)
-    else:
-        for a, (arm, *_rest) in zip(args, pending):
-            results[arm.name] = run_arm(*a)
-            _log_arm(results[arm.name], len(results) - skipped, len(pending), log)
+    with kill_when_written("arm", out / "arms", "*/train/checkpoints/step-*"):
+        _train_arms(study, pending, args, results, skipped, log)
 
     from pipeline.engine.report_study import write_study_outputs
 
@@ -510,3 +494,27 @@ def _log_arm(result: dict[str, Any], done: int, total: int, log: Log) -> None:
         log(f"[study] {done}/{total} {name}: final high-quality loss {hq:.4f} ({result.get('seconds', 0):.0f}s)")
     else:
         log(f"[study] {done}/{total} {name}: FAILED: {result.get('error')}")
+
+
+def _train_arms(study: Study, pending: list[tuple[Arm, _Job, Path, Path]], args: list[tuple[Any, ...]],
+                results: dict[str, dict[str, Any]], skipped: int, log: Log) -> None:
+    """Train the pending arms, in parallel Ray tasks or one after another, into ``results``."""
+    import ray
+
+    if study.study.parallel:
+        task = ray.remote(run_arm).options(num_cpus=study.study.cpus_per_arm, num_gpus=study.study.gpus_per_arm,
+                                           max_retries=0)
+        refs = {task.remote(*a): arm for a, (arm, *_rest) in zip(args, pending)}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            arm = refs.pop(ready[0])
+            try:
+                results[arm.name] = ray.get(ready[0])
+            except Exception as exc:  # noqa: BLE001 - a crashed worker (killed, out of memory)
+                results[arm.name] = {**arm.__dict__, "status": "failed", "error": f"{type(exc).__name__}: "
+                                     f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"}
+            _log_arm(results[arm.name], len(results) - skipped, len(pending), log)
+    else:
+        for a, (arm, *_rest) in zip(args, pending):
+            results[arm.name] = run_arm(*a)
+            _log_arm(results[arm.name], len(results) - skipped, len(pending), log)

@@ -101,6 +101,8 @@ def write_shards(
         storage.delete_tree(staging)
     else:
         run_dir = Path(run_dir)
+        for stale in [*run_dir.glob(".shards.tmp-*"), *run_dir.glob(".shards.old-*")]:  # a killed writer's
+            shutil.rmtree(stale, ignore_errors=True)
         staging = run_dir / f".shards.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import CurriculumError
+from pipeline.core.faults import kill_point
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -66,6 +67,7 @@ def save_checkpoint(out_dir: Path, step: int, model: Any, tokenizer: Any, optimi
     final = checkpoint_dir(out_dir, step)
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     model.save_pretrained(tmp)
+    kill_point("checkpoint")  # crash tests: a checkpoint with weights but no optimizer state or rename
     tokenizer.save_pretrained(tmp)
     tensors, groups = _optimizer_tensors(optimizer)
     tensors.update({k: v.contiguous() for k, v in rng.items()})

@@ -8,6 +8,7 @@ shards (sha256), the same text column, the same vocabulary and EOS as the loader
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,25 @@ class TokenChunk:
     kind: np.ndarray  # int8, TARGET or EOS (token shards hold plain text: no PROMPT tokens)
 
 
+# The vocabulary hash of each tokenizer object, with the vocabulary size it was taken at: a loader
+# is built per epoch or per resume, and hashing a 50k-token vocabulary costs ~15 ms each time.
+# Weak keys: an entry goes with its tokenizer; a size change (added tokens) recomputes it.
+_vocab_hashes: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_vocab_sha256(tokenizer: Any) -> str:
+    """``vocab_sha256`` of ``tokenizer``'s vocabulary, computed once per tokenizer object and size."""
+    size = len(tokenizer)
+    try:
+        known = _vocab_hashes.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no memo
+        return vocab_sha256(tokenizer.get_vocab())
+    if known is None or known[0] != size:
+        known = (size, vocab_sha256(tokenizer.get_vocab()))
+        _vocab_hashes[tokenizer] = known
+    return known[1]
+
+
 def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str,
                       rows: int | None = None) -> tuple[TokenShards | None, str]:
     """(the token shards, "") when they fit this run and tokenizer, else (None, why not).
@@ -53,7 +73,7 @@ def open_token_shards(run_dir: str | Path, tokenizer: Any, text_column: str,
         return None, "no token shards"
     shards = TokenShards(run_dir)
     m = shards.manifest
-    vocab_sha = vocab_sha256(tokenizer.get_vocab())
+    vocab_sha = tokenizer_vocab_sha256(tokenizer)
     text_sha = [s["sha256"] for s in read_manifest(run_dir).get("shards", [])]
     checks = {
         "the text shards changed since `curriculum tokenize`": [e.get("source_sha256") for e in shards.entries] == text_sha,

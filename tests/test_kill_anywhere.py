@@ -1,0 +1,89 @@
+"""SIGKILL `curriculum run` inside stages and the shard writer, resume, and compare shard bytes.
+
+One run folder is killed again and again: each rerun resumes from the stage cache and is killed
+at the next seeded point, until a last rerun finishes. Its shards must be byte-identical to an
+uninterrupted run's, every stage finished before a kill must be read back from the cache, and no
+temporary folder of a killed write may survive. CI runs the seeds below (one kill inside the
+model-scoring, embedding and selection stages, one in the writer); ``KILL_ALL_SITES=1`` kills
+inside every stage, and ``benchmarks/kill_anywhere.py`` runs more seeds (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.kill_harness import PIPELINE_SITES, Kill, completed, draw_kill, file_hashes, killed, run_cli, site_files
+
+CI_SEEDS = {"stage:perplexity": 1002, "stage:embed": 1005, "stage:kmq": 1007, "write": 1009}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> tuple[Path, Path]:
+    from tests.kill_harness import kill_config
+
+    folder = tmp_path_factory.mktemp("kill")
+    config = folder / "kill.yaml"
+    config.write_text(yaml.safe_dump(kill_config()))
+    out = folder / "reference"
+    completed(["run", str(config), "--out", str(out), "--ray-address", ray_address], "reference")
+    return config, out
+
+
+def _sites() -> dict[str, int]:
+    if os.environ.get("KILL_ALL_SITES"):
+        return {site: 1000 + i for i, site in enumerate(PIPELINE_SITES)}
+    return CI_SEEDS
+
+
+def test_killed_inside_stages_and_the_writer_resumes_to_the_same_bytes(reference, ray_address, tmp_path):
+    config, ref_out = reference
+    out = tmp_path / "killed"
+    args = ["run", str(config), "--out", str(out), "--ray-address", ray_address]
+    kills = [draw_kill(seed, site, site_files(ref_out, site)) for site, seed in _sites().items()]
+    print("kill points:", "; ".join(map(str, kills)))
+    previous = None
+    for kill in kills:
+        result = killed(args, kill)
+        assert not (out / "manifest.json").exists(), f"[{kill}] the manifest was written before the kill"
+        if previous is not None:
+            _check_resumed(result.stderr, previous, str(kill))
+        previous = kill
+
+    final = completed(args, f"after {previous}")
+    _check_resumed(final.stderr, previous, "the last rerun")
+    assert file_hashes(out) == file_hashes(ref_out)
+    assert file_hashes(out, "quarantine/*.parquet") == file_hashes(ref_out, "quarantine/*.parquet")
+    leftovers = [p for p in out.rglob(".*tmp-*")] + [p for p in out.glob(".shards.*")]
+    assert not leftovers, f"temporary folders of killed writes survived: {leftovers[:3]}"
+    assert completed(["verify", str(out)], "verify").returncode == 0
+
+
+def _check_resumed(stderr: str, after: Kill, context: str) -> None:
+    """What finished before the kill ``after`` is read back from the cache; the stage it hit is redone."""
+    names = [site.split(":", 1)[-1] for site in PIPELINE_SITES]
+    hit = after.site.split(":", 1)[-1]
+    for name in names[:names.index(hit)]:
+        assert f"{name}] cached" in stderr, f"[{context}] {name} was recomputed after the kill {after}"
+    if hit != "write":
+        assert f"{hit}] cached" not in stderr, f"[{context}] {hit} was read from the cache after the kill {after}"
+
+
+def test_a_kill_point_is_reproducible_from_its_seed(reference):
+    _, ref_out = reference
+    files = site_files(ref_out, "stage:embed")
+    assert files >= 2, "the kill config should give the embed stage several output files"
+    first = draw_kill(1005, "stage:embed", files)
+    assert first == draw_kill(1005, "stage:embed", files)
+    assert 1 <= first.count <= files - 1
+    assert {draw_kill(seed, "stage:embed", files).count for seed in range(1000, 1040)} == set(range(1, files))
+
+
+def test_a_malformed_kill_point_is_a_clear_error(tmp_path):
+    result = run_cli(["run", "configs/tiny.yaml", "--out", str(tmp_path / "x")], Kill(0, "stage:quality", 0))
+    assert result.returncode == 2
+    assert "CURRICULUM_KILL_AT='stage:quality:0': expected SITE:N with N >= 1" in result.stderr
+    assert not (tmp_path / "x").exists()
