@@ -22,30 +22,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every stage of the kill config below, then the shard writer.
+# Every stage of the full kill config below, then the shard writer.
 PIPELINE_SITES = ("stage:read", "stage:quality", "stage:perplexity", "stage:quality_classifier", "stage:combine",
                   "stage:embed", "stage:cluster", "stage:kmq", "stage:order", "write")
 
 
-def kill_config(docs: int = 800) -> dict:
-    """A pipeline with every kind of stage, small enough to run in well under a minute on 2 cores."""
+def kill_config(docs: int = 800, full: bool = True) -> dict:
+    """A pipeline with every kind of stage (``full``), small enough for a minute or two on 2 cores;
+    or, not ``full``, the CI variant: configs/tiny.yaml in small (reference LM, classifier, composite
+    quality, quality order)."""
     reference = {"max_docs": 300, "vocab_size": 512, "steps": 20, "seq_len": 64, "batch_size": 8,
                  "model": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}}
-    return {
-        "run": {"name": "kill", "seed": 0},
-        "input": {"format": "synthetic", "synthetic": {"docs": docs, "kind": "graded"}},
-        "stages": [
-            {"name": "quality"},
-            {"name": "perplexity", "model": "reference", "max_length": 128, "reference": reference},
-            {"name": "quality_classifier", "positives": {"synthetic": {"docs": 200, "min_quality": 0.8}}},
-            {"name": "combine"},
-            {"name": "embed", "max_length": 64},
-            {"name": "cluster", "k": 4},
-            {"name": "kmq", "budget": 0.6, "temperature": 0.1},
-            {"name": "order", "method": "quality_ascending"},
-        ],
-        "output": {"rows_per_shard": 100},
-    }
+    scored = [
+        {"name": "quality"},
+        {"name": "perplexity", "model": "reference", "max_length": 128, "reference": reference},
+        {"name": "quality_classifier", "positives": {"synthetic": {"docs": 200 if full else 100, "min_quality": 0.8}}},
+        {"name": "combine"},
+    ]
+    if full:
+        stages = [*scored, {"name": "embed", "max_length": 64}, {"name": "cluster", "k": 4},
+                  {"name": "kmq", "budget": 0.6, "temperature": 0.1}, {"name": "order", "method": "quality_ascending"}]
+    else:
+        stages = [*scored, {"name": "order", "method": "quality_ascending"}]
+    return {"run": {"name": "kill", "seed": 0},
+            "input": {"format": "synthetic", "synthetic": {"docs": docs, "kind": "graded"}},
+            "stages": stages, "output": {"rows_per_shard": 100 if full else 150}}
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -93,58 +86,6 @@ def test_an_unreadable_input_file_exits_1_naming_the_file(cli, tmp_path, kind):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("curriculum: error: cannot read input file ") and str(bad) in last, last
     assert not (tmp_path / "out" / "manifest.json").exists()
-
-
-def test_scored_curriculum_gives_the_same_shards_with_one_or_two_cpus(cli, tmp_path):
-    """The tiny.yaml pipeline in small: a reference LM, the classifier and the composite order,
-    on the session's 2-CPU cluster and on a local Ray of its own with 1 CPU. Model training, actor
-    pools and block layouts differ with the CPU count; the bytes may not. (Layout independence of
-    every order strategy alone is a property test in test_order_properties.py.)"""
-    reference = {"max_docs": 300, "vocab_size": 512, "steps": 20, "seq_len": 64, "batch_size": 8,
-                 "model": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}}
-    config = write_config(tmp_path, docs=300, stages=[
-        {"name": "quality"},
-        {"name": "perplexity", "model": "reference", "max_length": 128, "reference": reference},
-        {"name": "quality_classifier", "positives": {"synthetic": {"docs": 100, "min_quality": 0.8}}},
-        {"name": "combine"},
-        {"name": "order", "method": "quality_ascending"},
-    ])
-    hashes = []
-    for cpus in (1, 2):
-        out = tmp_path / f"cpus{cpus}"
-        result = cli("run", str(config), "--out", str(out), "--set", f"ray.num_cpus={cpus}", join_cluster=cpus == 2)
-        assert result.returncode == 0, result.stderr[-2000:]
-        hashes.append(shard_hashes(out))
-        columns = pq.read_schema(next(out.glob("shards/*.parquet"))).names
-        assert {"ppl", "quality_clf", "quality", "position"} <= set(columns)
-    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
-
-
-def test_sigkill_mid_run_then_resume_gives_identical_shards(cli, ray_address, tmp_path):
-    config = write_config(tmp_path, docs=3000)
-    reference = tmp_path / "reference"
-    assert cli("run", str(config), "--out", str(reference)).returncode == 0
-
-    out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--out", str(out), "--ray-address", ray_address]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    deadline = time.time() + 300
-    while not list(out.glob("stages/01-quality-*/_SUCCESS.json")):
-        assert proc.poll() is None, "the run ended before the first stage completed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "manifest.json").exists(), "the kill came too late to test a resume"
-
-    done = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/_SUCCESS.json")}
-    resumed = cli("run", str(config), "--out", str(out))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "[read] cached" in resumed.stderr and "quality] cached" in resumed.stderr
-    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done.items())
-    assert shard_hashes(out) == shard_hashes(reference)
 
 
 def test_synth_then_jsonl_run_then_inspect(cli, tmp_path):

@@ -28,7 +28,7 @@ from tests.test_ray_auth import free_port
 RAY = str(Path(sys.executable).with_name("ray"))
 CONFIG = {
     "run": {"name": "multinode", "seed": 0},
-    "input": {"format": "synthetic", "synthetic": {"docs": 1200, "kind": "graded"}},
+    "input": {"format": "synthetic", "synthetic": {"docs": 800, "kind": "graded"}},
     "stages": [
         {"name": "quality"},
         {"name": "perplexity", "model": "reference", "max_length": 128,
@@ -133,6 +133,7 @@ def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, cli, tmp_path):
     stderr.seek(0)
     log = stderr.read()
     assert "[2/4 perplexity] cached" not in log
+    print(f"the run with a worker node lost exited {code}")
     if code != 0:  # Ray could not recover inside the run: the stage cache resumes it on the surviving node
         rerun = cli("run", str(config), "--out", str(out), "--ray-address", address)
         assert rerun.returncode == 0, f"first attempt exit {code}: {log[-1500:]}\nrerun: {rerun.stderr[-1500:]}"
@@ -144,7 +145,7 @@ def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, cli, tmp_path):
 
     read_ids = pads.dataset(next(out.glob("stages/00-read-*")) / "data").to_table(columns=["id"])["id"].to_pylist()
     shard_ids = pads.dataset(out / "shards").to_table(columns=["id"])["id"].to_pylist()
-    assert len(shard_ids) == len(set(shard_ids)) == 1200, "a row was lost or written twice"
+    assert len(shard_ids) == len(set(shard_ids)) == 800, "a row was lost or written twice"
     assert sorted(shard_ids) == sorted(read_ids)
 
     reference = tmp_path / "reference"
