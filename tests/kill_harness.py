@@ -45,7 +45,8 @@ def kill_config(docs: int = 800, full: bool = True) -> dict:
     else:
         stages = [*scored, {"name": "order", "method": "quality_ascending"}]
     return {"run": {"name": "kill", "seed": 0},
-            "input": {"format": "synthetic", "synthetic": {"docs": docs, "kind": "graded"}},
+            # Blocks of 200 documents: every stage writes several files, so a kill point lands mid-stage.
+            "input": {"format": "synthetic", "synthetic": {"docs": docs, "kind": "graded"}, "lines_per_block": 200},
             "stages": stages, "output": {"rows_per_shard": 100 if full else 150}}
 
 
