@@ -29,5 +29,6 @@ def execute(path: Path) -> None:
 
 if __name__ == "__main__":
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    os.environ.pop("NOTEBOOK_SMALL", None)  # the stored outputs are those of the full run
     for name in sys.argv[1:] or sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb")):
         execute(Path(name).resolve())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -303,13 +304,22 @@ def run(table: pa.Table, params: dict, blocks: int, seed: int) -> pa.Table:
     return kept
 
 
+def concurrently(fn, calls: list[tuple]) -> list:
+    """``[fn(*call) for call in calls]``, four at a time: on tables this small each stage run is
+    mostly Ray Data's scheduling latency, so independent runs overlap (each its own dataset)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda call: fn(*call), calls))
+
+
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(table=tables(), seed=st.integers(0, 1000))
 def test_every_strategy_is_deterministic_whatever_the_layout(ray_address, table, seed):
     n = table.num_rows
     ranks = {i: r for r, i in enumerate(sorted(table["id"].to_pylist(), key=lambda i: _curriculum(table, i)))}
+    results = iter(concurrently(run, [(table, params, blocks, seed) for params in NON_REPEATING + REPEATING
+                                      for blocks in (1, 3)]))
     for params in NON_REPEATING + REPEATING:
-        one, other = run(table, params, 1, seed), run(table, params, 3, seed)
+        one, other = next(results), next(results)
         assert one.equals(other), params["method"]
         assert one["position"].to_pylist() == list(range(one.num_rows))
         if params in NON_REPEATING:
@@ -372,20 +382,26 @@ def test_null_keys_follow_the_nulls_setting_in_every_strategy(ray_address, table
     missing = pa.compute.is_null(table["k"], nan_is_null=True)
     null_ids = sorted(i for i, m in zip(table["id"].to_pylist(), missing.to_pylist()) if m)
     valued_table = table.filter(pa.compute.invert(missing))
-    for params in NON_REPEATING + REPEATING:
-        method = params["method"]
-        # worst
-        worst, _ = run_split(table, {**params, "nulls": "worst"}, 3, seed)
+    strategies = NON_REPEATING + REPEATING
+    calls = []
+    for params in strategies:
         sentinel = 10.0 if params.get("higher_is_better") is False else -10.0
         replaced = table.set_column(2, "k", pa.compute.if_else(missing, sentinel, table["k"]))
-        reference, _ = run_split(replaced, params, 1, seed)
+        calls += [(table, {**params, "nulls": "worst"}, 3, seed),  # worst
+                  (replaced, params, 1, seed),  # its reference
+                  (table, {**params, "nulls": "last"}, 3, seed),  # last
+                  (valued_table, params, 1, seed),  # the reference of last and drop
+                  (table, {**params, "nulls": "drop", **WITH_KEY_FOR_DROP.get(params["method"], {})}, 3, seed)]  # drop
+    results = iter(concurrently(run_split, calls))
+    for params in strategies:
+        method = params["method"]
+        (worst, _), (reference, _), (last, _), (base, base_dropped), (kept, dropped) = (next(results) for _ in range(5))
+        # worst
         assert _rows(worst.drop_columns(["k"])) == _rows(reference.drop_columns(["k"])), method
         # last
-        last, _ = run_split(table, {**params, "nulls": "last"}, 3, seed)
         if method == "random":  # reads no key: nulls change nothing
             assert _rows(last.drop_columns(["k"])) == _rows(worst.drop_columns(["k"]))
         else:
-            base, base_dropped = run_split(valued_table, params, 1, seed)
             head, tail = last.slice(0, base.num_rows), last.slice(base.num_rows)
             assert _rows(head) == _rows(base), method
             tail_sources = tail["source_id" if method in ("pacing", "replay") else "id"].to_pylist()
@@ -397,9 +413,6 @@ def test_null_keys_follow_the_nulls_setting_in_every_strategy(ray_address, table
             elif column:
                 assert set(tail[column].to_pylist()) == {params.get("buckets", params.get("folds", params.get("phases")))}
         # drop
-        kept, dropped = run_split(table, {**params, "nulls": "drop", **WITH_KEY_FOR_DROP.get(method, {})}, 3, seed)
-        if method == "random":
-            base, base_dropped = run_split(valued_table, params, 1, seed)
         assert _rows(kept) == _rows(base), method
         reasons = dict(zip(dropped["id"].to_pylist(), dropped["_drop_reason"].to_pylist()))
         assert sorted(i for i, r in reasons.items() if r == "order.null_key") == null_ids, method

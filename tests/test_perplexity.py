@@ -239,63 +239,70 @@ def _dataset(rows: list[dict], blocks: int):
                                 for r in rows], override_num_blocks=blocks)
 
 
-def test_stage_scores_through_ray_whatever_the_block_layout(ray_address: str, tiny_lm: Path, tmp_path: Path,
-                                                            scorer: PerplexityScorer) -> None:
-    rows = _docs(30) + [{"id": "empty-1", "text": ""}, {"id": "empty-2", "text": ""}]
-    results = []
-    for blocks, per_call in [(1, 64), (5, 7)]:
-        ctx = _ctx(tmp_path, f"s{blocks}")
-        params = PerplexityParams(model=str(tiny_lm), max_length=64, token_budget=256, docs_per_call=per_call)
-        out = PerplexityStage(params).apply(_dataset(rows, blocks), ctx).take_all()
+def test_stage_trains_reuses_and_scores_whatever_the_block_layout(ray_address: str, tmp_path: Path) -> None:
+    """The stage with a reference LM, run in two folders on two block layouts (1 block of rows, 64 per
+    call; the rows reversed in 5 blocks, 7 per call): each trains its LM, with the same bytes, and
+    every score is bitwise the same; a third run in the first folder reuses its LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = _docs(120) + [{"id": "empty-1", "text": ""}, {"id": "empty-2", "text": ""}]  # more than max_docs (60)
+    params = {"reference": TINY_REFERENCE, "max_length": 64, "token_budget": 256}
+    contexts, results = [], []
+    for name, layout, blocks, per_call in [("a", rows, 1, 64), ("b", rows[::-1], 5, 7)]:
+        ctx = _ctx(tmp_path, name)
+        out = PerplexityStage(PerplexityParams(**params, docs_per_call=per_call)).apply(_dataset(layout, blocks),
+                                                                                       ctx).take_all()
         assert sorted(r["id"] for r in out) == sorted(r["id"] for r in rows)
         assert ctx.info["null_scores"] == 2 and ctx.info["null_reasons"] == {"empty_text": 2}
         assert ctx.info["tokens_scored"] == sum(r["n_tokens"] for r in out)
         assert all("_ppl_null_reason" not in r for r in out)
+        assert ctx.info["reference_lm"]["reused"] is False
+        contexts.append(ctx)
         results.append({r["id"]: (r["ppl"], r["nll"], r["n_tokens"]) for r in out})
     assert results[0] == results[1]  # bitwise, whatever the blocks and batches
-    direct = scorer.score_texts([r["text"] for r in rows[:5]])[0]
-    assert [results[0][r["id"]][1] for r in rows[:5]] == list(direct)
 
-
-def test_reference_lm_is_trained_saved_reused_and_reproducible(ray_address: str, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    rows = _docs(120)
-    params = PerplexityParams(reference=TINY_REFERENCE, max_length=64, token_budget=256)
-    ctx = _ctx(tmp_path, "a")
-    PerplexityStage(params).apply(_dataset(rows, 3), ctx).materialize()
-    folder = tmp_path / ctx.artifacts["reference_lm"]
-    assert folder == ctx.artifact_dir / "reference_lm"
+    folder = tmp_path / contexts[0].artifacts["reference_lm"]
+    assert folder == contexts[0].artifact_dir / "reference_lm"
     assert {"config.json", "model.safetensors", "tokenizer.json", "reference.json"} <= {p.name for p in folder.iterdir()}
     record = json.loads((folder / "reference.json").read_text())
     assert record["sample"]["docs"] == 60  # bounded by max_docs
-    assert ctx.info["reference_lm"]["reused"] is False and ctx.info["null_scores"] == 0
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain HF layout, for the trainer too
     assert model.config.n_positions == 64 and len(AutoTokenizer.from_pretrained(folder)) == model.config.vocab_size
+    # another folder, another block layout: the same bytes
+    digest = [hashlib.sha256((tmp_path / c.artifacts["reference_lm"] / "model.safetensors").read_bytes()).hexdigest()
+              for c in contexts]
+    assert digest[0] == digest[1]
+    direct = PerplexityScorer(str(folder), max_length=64, token_budget=256, threads=1).score_texts(
+        [r["text"] for r in rows[:5]])[0]
+    assert [results[0][r["id"]][1] for r in rows[:5]] == list(direct)
 
     again = _ctx(tmp_path, "a")  # same artifact folder, same params: reused, not retrained
-    PerplexityStage(params).apply(_dataset(rows, 2), again).materialize()
+    out = PerplexityStage(PerplexityParams(**params)).apply(_dataset(rows, 2), again).take_all()
     assert again.info["reference_lm"]["reused"] is True
-
-    other = _ctx(tmp_path, "b")  # another folder, another block layout: the same bytes
-    PerplexityStage(params).apply(_dataset(rows[::-1], 4), other).materialize()
-    digest = [hashlib.sha256((tmp_path / c.artifacts["reference_lm"] / "model.safetensors").read_bytes()).hexdigest()
-              for c in (ctx, other)]
-    assert digest[0] == digest[1]
+    assert {r["id"]: (r["ppl"], r["nll"], r["n_tokens"]) for r in out} == results[0]
 
 
-def test_reference_lm_scores_no_position_it_did_not_train(ray_address: str, tmp_path: Path) -> None:
-    """Training uses full seq_len chunks, so positions 0..seq_len-1 all get gradient; the model's context
+def test_held_out_split_scores_the_other_half_at_no_position_the_lm_did_not_train(ray_address: str,
+                                                                                 tmp_path: Path) -> None:
+    """split: held_out trains the reference LM on one half of the rows and scores only the other.
+    Training uses full seq_len chunks, so positions 0..seq_len-1 all get gradient; the model's context
     (and so every scored window) must stop there, even when the stage's max_length is longer."""
-    rows = _docs(40)
+    rows = _docs(80)
     long_text = " ".join(r["text"] for r in rows[:6])  # several windows of 32 tokens
-    rows.append({"id": "long", "text": long_text, "true_quality": 0.5})
+    long_id = next(i for i in (f"long-{k}" for k in range(100)) if uniform([i], 3, HALF_SALT)[0] >= 0.5)  # scored
+    rows.append({"id": long_id, "text": long_text, "true_quality": 0.5})
     reference = {**TINY_REFERENCE, "seq_len": 32, "model": {**TINY, "n_positions": 1024}}
-    params = PerplexityParams(reference=reference, max_length=64, token_budget=256)
-    ctx = _ctx(tmp_path)
+    params = PerplexityParams(reference=reference, max_length=64, token_budget=256, split="held_out")
+    ctx = _ctx(tmp_path, seed=3)
     out = {r["id"]: r for r in PerplexityStage(params).apply(_dataset(rows, 2), ctx).take_all()}
+    train_half = {r["id"] for r, u in zip(rows, uniform([r["id"] for r in rows], 3, HALF_SALT)) if u < 0.5}
+    assert 20 < len(train_half) < 60 and long_id not in train_half
+    assert {i for i, r in out.items() if r["ppl"] is None} == train_half
+    assert ctx.info["null_reasons"] == {"reference_train_half": len(train_half)}
     folder = ctx.artifact_dir / "reference_lm"
     record = json.loads((folder / "reference.json").read_text())
+    assert record["sample"]["docs"] == min(60, len(train_half)) and record["sample"]["split"] == "held_out"
+
     scorer = PerplexityScorer(str(folder), max_length=64, threads=1)
     trained = record["spec"]["seq_len"]
     assert trained == 32 and scorer.model.config.n_positions == trained  # not the stage's 64, nor the dict's 1024
@@ -303,20 +310,7 @@ def test_reference_lm_scores_no_position_it_did_not_train(ray_address: str, tmp_
     sequence = scorer.tokenize([long_text])[0]
     assert len(sequence) > 3 * trained
     assert max(end - start for start, _, end in plan_windows(len(sequence), scorer.max_length, None)) <= trained
-    assert out["long"]["nll"] == scorer.score_texts([long_text])[0][0]
-
-
-def test_held_out_split_scores_only_the_other_half(ray_address: str, tmp_path: Path) -> None:
-    rows = _docs(80)
-    params = PerplexityParams(reference=TINY_REFERENCE, max_length=64, split="held_out")
-    ctx = _ctx(tmp_path, seed=3)
-    out = PerplexityStage(params).apply(_dataset(rows, 2), ctx).take_all()
-    train_half = {r["id"] for r, u in zip(rows, uniform([r["id"] for r in rows], 3, HALF_SALT)) if u < 0.5}
-    assert 20 < len(train_half) < 60
-    assert {r["id"] for r in out if r["ppl"] is None} == train_half
-    assert ctx.info["null_reasons"] == {"reference_train_half": len(train_half)}
-    record = json.loads((ctx.artifact_dir / "reference_lm" / "reference.json").read_text())
-    assert record["sample"]["docs"] == min(60, len(train_half)) and record["sample"]["split"] == "held_out"
+    assert out[long_id]["nll"] == scorer.score_texts([long_text])[0][0]
 
 
 def test_reference_data_trains_on_the_trusted_text(ray_address: str, tmp_path: Path) -> None:
@@ -429,15 +423,19 @@ def _config(tmp_path: Path, stages: list[dict], docs: int = 160) -> Path:
 
 
 @pytest.mark.slow
-def test_cli_scores_selects_and_orders_by_perplexity(cli, tmp_path: Path) -> None:
+def test_cli_scores_selects_and_orders_by_perplexity(ray_address: str, tmp_path: Path, capsys) -> None:
+    """`curriculum run`'s entry point in this process, on the session's cluster (a subprocess would only
+    add its start-up: test_cli_exits_1_naming_an_unreachable_model runs the command itself)."""
     import polars as pl
+
+    from pipeline.cli import main
 
     stages = [{"name": "perplexity", "model": "reference", "max_length": 64, "reference": TINY_REFERENCE},
               {"name": "select_perplexity", "preset": "points"},
               {"name": "order", "method": "sort", "key": "ppl", "direction": "ascending"}]
     run = tmp_path / "run"
-    result = cli("run", str(_config(tmp_path, stages)), "--out", str(run))
-    assert result.returncode == 0, result.stderr
+    assert main(["run", str(_config(tmp_path, stages)), "--out", str(run), "--ray-address", ray_address]) == 0
+    assert "160 input rows, 0 quarantined, 32 rows in" in capsys.readouterr().out
     manifest = json.loads((run / "manifest.json").read_text())
     entries = {s["name"]: s for s in manifest["stages"]}
     assert entries["perplexity"]["info"]["null_scores"] == 0
