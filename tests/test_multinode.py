@@ -54,12 +54,25 @@ class Node:
         self.proc = subprocess.Popen([RAY, "start", *argv, "--block"], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=_env(), cwd=root, start_new_session=True)
 
-    def wait_started(self, timeout: float = 90) -> None:
+    def started(self, timeout: float = 180) -> bool:
+        """Whether the node came up; False when `ray start` gave up (its own start-up deadline is
+        short, and a loaded CI machine can miss it)."""
         deadline = time.time() + timeout
         while "Ray runtime started" not in self.log_path.read_text():
-            assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
+            if self.proc.poll() is not None:
+                return False
             assert time.time() < deadline, f"{self.log_path.name}: not started in {timeout} s"
             time.sleep(0.2)
+        return True
+
+
+def start_node(root: Path, name: str, argv: list[str], attempts: int = 2) -> Node:
+    for _ in range(attempts):
+        node = Node(root, name, argv)
+        if node.started():
+            return node
+        node.stop()
+    raise AssertionError(f"{name} did not start in {attempts} attempts: {node.log_path.read_text()[-2000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:
@@ -82,15 +95,13 @@ def cluster() -> Iterator[tuple[str, list[Node]]]:
     root = Path(tempfile.mkdtemp(prefix="rmn", dir="/tmp"))  # short: Ray's socket paths have a length limit
     port = free_port()
     common = ["--object-store-memory=300000000", "--disable-usage-stats"]
-    nodes = [Node(root, "head", ["--head", f"--port={port}", f"--temp-dir={root / 'ray'}", "--num-cpus=0",
-                                 "--include-dashboard=false", *common])]
+    nodes: list[Node] = []
     try:
-        nodes[0].wait_started()
-        for i in (1, 2):
-            nodes.append(Node(root, f"worker{i}", [f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                                                   f"--resources={{\"worker{i}\": 1}}", *common]))
-        for node in nodes[1:]:
-            node.wait_started()
+        nodes.append(start_node(root, "head", ["--head", f"--port={port}", f"--temp-dir={root / 'ray'}",
+                                               "--num-cpus=0", "--include-dashboard=false", *common]))
+        for i in (1, 2):  # one after the other: two raylets registering at once is slower on 2 cores
+            nodes.append(start_node(root, f"worker{i}", [f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                                         f"--resources={{\"worker{i}\": 1}}", *common]))
         yield f"127.0.0.1:{port}", nodes
     finally:
         for node in reversed(nodes):
