@@ -7,6 +7,7 @@ input id exactly once in the shards, and the same bytes as a run on the session'
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -110,11 +111,11 @@ def cluster() -> Iterator[tuple[str, list[Node]]]:
 
 
 def _alive_cpus(address: str) -> list[float]:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-             "print(sorted(n['Resources'].get('CPU', 0.0) for n in ray.nodes() if n['Alive']))")
+    probe = ("import json, ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+             "print(json.dumps(sorted(n['Resources'].get('CPU', 0.0) for n in ray.nodes() if n['Alive'])))")
     done = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - a list of floats printed just above
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, cli, tmp_path):
