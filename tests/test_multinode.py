@@ -66,15 +66,6 @@ class Node:
             time.sleep(0.2)
         return True
 
-
-def start_node(root: Path, name: str, argv: list[str], attempts: int = 2) -> Node:
-    for _ in range(attempts):
-        node = Node(root, name, argv)
-        if node.started():
-            return node
-        node.stop()
-    raise AssertionError(f"{name} did not start in {attempts} attempts: {node.log_path.read_text()[-2000:]}")
-
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:
             os.killpg(self.proc.pid, sig)
@@ -89,6 +80,15 @@ def start_node(root: Path, name: str, argv: list[str], attempts: int = 2) -> Nod
             self.kill()
             self.proc.wait()
         self.log.close()
+
+
+def start_node(root: Path, name: str, argv: list[str], attempts: int = 2) -> Node:
+    for _ in range(attempts):
+        node = Node(root, name, argv)
+        if node.started():
+            return node
+        node.stop()
+    raise AssertionError(f"{name} did not start in {attempts} attempts: {node.log_path.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
