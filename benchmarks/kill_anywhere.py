@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import yaml
 from common import OUT_DIR, ROOT  # noqa: E402  (first: puts the checkout on sys.path)
 
-from tests.kill_harness import PIPELINE_SITES, Kill, completed, draw_kill, file_hashes, kill_config, killed, site_files
+from tests.kill_harness import PIPELINE_SITES, checkpoint_kill, completed, draw_kill, file_hashes, kill_config, killed, site_files
 
 WORK = OUT_DIR / "kill_anywhere"
 TRAIN = {
@@ -76,7 +75,7 @@ def _train_args(config: Path, data: Path, out: Path) -> list[str]:
 def train_kill(config: Path, data: Path, reference: Path, seed: int) -> dict:
     out = WORK / f"train-{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    kill = Kill(seed, "checkpoint", random.Random(seed).randint(2, CHECKPOINT_WRITES - 1))
+    kill = checkpoint_kill(seed, CHECKPOINT_WRITES)
     killed(_train_args(config, data, out), kill)
     resumed = completed(_train_args(config, data, out), str(kill))
     same = [(out / name / "model.safetensors").read_bytes() == (reference / name / "model.safetensors").read_bytes()

@@ -79,6 +79,12 @@ def draw_kill(seed: int, site: str, files: int, first: int = 1) -> Kill:
     return Kill(seed, site, random.Random(f"{seed}:{site}").randint(first, max(first, files - 1)))
 
 
+def checkpoint_kill(seed: int, writes: int) -> Kill:
+    """A kill inside one of a training run's ``writes`` checkpoint writes, from the 2nd on (so the
+    rerun has a finished checkpoint to resume from)."""
+    return Kill(seed, "checkpoint", random.Random(seed).randint(2, writes - 1))
+
+
 def file_hashes(folder: Path, pattern: str = "shards/*.parquet") -> dict[str, str]:
     """sha256 of every file matching ``pattern``: the bytes themselves, not what a manifest claims."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.train.schedules import lr_at, make_schedule
-from tests.kill_harness import Kill
+from tests.kill_harness import checkpoint_kill
 from tests.test_train_loader import RUN_CONFIG, build_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +125,7 @@ def test_exact_resume_after_sigkill_mid_checkpoint_write(reference: tuple[Path, 
     out = tmp_path / "killed"
     seed = int(os.environ.get("TRAIN_KILL_SEED", 1500))
     # 14 checkpoint writes (steps 1, 4, …, 40); from the 2nd on, so the rerun has one to resume from.
-    kill = Kill(seed, "checkpoint", random.Random(seed).randint(2, 13))
+    kill = checkpoint_kill(seed, 14)
     env = {**_env(), "CURRICULUM_KILL_AT": kill.point}
     proc = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL, f"[{kill}] the run was not killed: {proc.stderr[-2000:]}"
