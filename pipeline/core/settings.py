@@ -31,3 +31,14 @@ class RayConfig(StrictModel):
         "list the cluster's jobs). The endpoint and region variables are always sent; off, the nodes need "
         "credentials of their own (an instance role, or the variables set where `ray start` ran).",
     )
+    node_loss_retries: int = Field(
+        2, ge=0,
+        description="Times a stage that lost a Ray node mid-run is run again from its cached input on the nodes "
+        "that are left (0: the run fails; rerun it to resume).",
+    )
+    node_loss_stall_seconds: float = Field(
+        120.0, ge=0,
+        description="After a node the stage started with has died, interrupt and retry the stage once it has "
+        "written no rows for this long (Ray's own recovery can wait forever for resources the survivors hold); "
+        "0 turns the watchdog off.",
+    )

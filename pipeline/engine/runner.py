@@ -35,7 +35,14 @@ from pipeline.core.ray_session import connect_ray
 from pipeline.engine.cache import StageCache, stage_key, stage_spec
 from pipeline.engine.config import Config
 from pipeline.engine.manifest import build_manifest, rows_per_second, step_timing, write_manifest
-from pipeline.engine.progress import progress_lines
+from pipeline.engine.node_loss import (
+    NodeLostError,
+    alive_nodes,
+    interrupt_on_stall_after_node_loss,
+    node_loss_cause,
+    wait_until_marked_dead,
+)
+from pipeline.engine.progress import RowsWritten, progress_lines
 from pipeline.engine.select import SelectStep
 from pipeline.io.ingest import ingest
 from pipeline.io.readers import read_input
@@ -45,6 +52,8 @@ from stages.base import Stage, StageContext
 from stages.registry import build_stage
 
 Log = Callable[[str], None]
+# Ray declares a node dead after its health checks fail for a while (about 30 s by default).
+NODE_DEATH_WAIT_SECONDS = 90.0
 
 
 def _stderr(message: str) -> None:
@@ -115,11 +124,23 @@ def run_pipeline(config: Config, out_dir: Path | str, address: str | None = None
     With ``select`` (``curriculum select``), the config's ``select:`` section runs as one more step
     just before the order stage: iterative kMQ (``pipeline.engine.select``)."""
     stage_objects = _stage_objects(config, select, log)
-    connect_ray(config.ray, address)
-    with pipeline_data_context():
-        # Absolute, because Ray tasks on other nodes write into it from their own working directory.
-        run_dir = out_dir if storage.is_uri(out_dir) else Path(out_dir).resolve()
-        return _run(config, run_dir, log, stage_objects)
+    joined_here = not ray.is_initialized()  # a notebook's own Ray session is not ours to end
+    # Absolute, because Ray tasks on other nodes write into it from their own working directory.
+    run_dir = out_dir if storage.is_uri(out_dir) else Path(out_dir).resolve()
+    retries = config.ray.node_loss_retries
+    for attempt in range(retries + 1):
+        connect_ray(config.ray, address)
+        try:
+            with pipeline_data_context():
+                return _run(config, run_dir, log, stage_objects)
+        except NodeLostError as exc:
+            if attempt == retries:
+                raise
+            log(f"{exc}; resuming from the stage cache on the nodes that are left (retry {attempt + 1} of {retries})")
+            wait_until_marked_dead(exc.nodes, NODE_DEATH_WAIT_SECONDS, log)
+            if joined_here:  # ending this job makes Ray kill its actors: none of them holds a survivor's CPU
+                ray.shutdown()
+    raise AssertionError("unreachable")
 
 
 def _stage_objects(config: Config, select: bool, log: Log) -> list[Stage]:
@@ -210,6 +231,7 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
         tag = f"[{index}/{len(stage_objects)} {stage.name}]"
         if record is None:
             t0 = time.time()
+            nodes = alive_nodes()
             upstream = cache.read(upstream_dir)
             ctx = StageContext(run_dir=cache.work_dir, artifact_dir=cache.artifacts(folder), seed=seed,
                                input_columns=list(upstream.schema().names),
@@ -217,7 +239,8 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
                                upstream_artifacts=dict(artifacts))
             try:
                 with progress_lines(folder, rows, tag, log), \
-                        kill_when_written(f"stage:{stage.name}", folder, ".data.tmp-*/*.parquet"):
+                        kill_when_written(f"stage:{stage.name}", folder, ".data.tmp-*/*.parquet"), \
+                        interrupt_on_stall_after_node_loss(nodes, RowsWritten(folder), config.ray.node_loss_stall_seconds):
                     out = stage.apply(upstream, ctx)
                     dropped_by: dict[str, int] = {}
                     if stage.may_drop():
@@ -228,7 +251,12 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
             except CurriculumError:
                 raise
             except Exception as exc:  # noqa: BLE001 - name the stage, keep the cause
-                raise StageError(f"stage {stage.name!r} (stages[{index - 1}]) failed: {type(exc).__name__}: {exc}") from exc
+                where = f"stage {stage.name!r} (stages[{index - 1}])"
+                lost = node_loss_cause(exc)
+                if lost is not None:
+                    raise NodeLostError(f"{where}: a Ray node was lost ({type(lost).__name__}: "
+                                        f"{str(lost).splitlines()[0][:200]})", nodes) from exc
+                raise StageError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
             dropped_by = _merge_counts(dropped_by, ctx.dropped)
             added_by = _merge_counts({}, ctx.added)
             check_declared_counts(f"stage {stage.name!r} (stages[{index - 1}])", rows, rows_out, dropped_by, added_by)

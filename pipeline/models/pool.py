@@ -84,7 +84,8 @@ def map_with_actor_pool(ds: ray.data.Dataset, actor: type, placement: Placement,
     materialized first: an actor pool that holds every CPU would otherwise starve the upstream
     read tasks (Ray Data then waits forever; seen on 2 cores). Ray hands each actor whole blocks,
     and a small input read from a few files is one or two blocks, which would keep every actor
-    but one idle, so it is split until each actor gets several.
+    but one idle, so it is split until each actor gets several. The actors are not restarted
+    when they die (``pipeline.engine.node_loss`` says why and what happens instead).
     """
     ds = ds.materialize()
     wanted = max(2 * placement.concurrency, min(-(-ds.count() // batch_size), 16 * placement.concurrency))
@@ -98,6 +99,9 @@ def map_with_actor_pool(ds: ray.data.Dataset, actor: type, placement: Placement,
         compute=ray.data.ActorPoolStrategy(size=placement.concurrency),
         num_cpus=placement.threads,
         num_gpus=placement.num_gpus or None,
+        # An actor lost with its node is not restarted: the restart would wait for a slot the
+        # surviving actors hold. The error fails the stage at once and the runner retries it.
+        max_restarts=0,
     )
 
 
