@@ -3,7 +3,8 @@ a `ray start` process with its own raylet and object store. The tiny pipeline ru
 ``--ray-address``; one worker node is SIGKILLed while it builds its perplexity actor, and the run
 must finish inside that one run (Ray's own recovery, or else the runner's retry of the stage from
 its cached input, ``pipeline.engine.node_loss``; no rerun by hand) with every input id exactly
-once in the shards, and the same bytes as a run on the session's cluster.
+once in the shards. (That the bytes do not depend on the CPU count or on kills and resumes is
+tests/test_kill_anywhere.py's.)
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.kill_harness import file_hashes
 from tests.test_ray_auth import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 CONFIG = {
     "run": {"name": "multinode", "seed": 0},
-    "input": {"format": "synthetic", "synthetic": {"docs": 800, "kind": "graded"}},
+    "input": {"format": "synthetic", "synthetic": {"docs": 500, "kind": "graded"}},
     "stages": [
         {"name": "quality"},
         {"name": "perplexity", "model": "reference", "max_length": 128,
@@ -133,7 +133,7 @@ def _alive_cpus(address: str) -> list[float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, cli, tmp_path):
+def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, tmp_path):
     address, nodes = cluster
     deadline = time.time() + 60
     while (cpus := _alive_cpus(address)) != [0.0, 1.0, 1.0]:
@@ -169,9 +169,5 @@ def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, cli, tmp_path):
 
     read_ids = pads.dataset(next(out.glob("stages/00-read-*")) / "data").to_table(columns=["id"])["id"].to_pylist()
     shard_ids = pads.dataset(out / "shards").to_table(columns=["id"])["id"].to_pylist()
-    assert len(shard_ids) == len(set(shard_ids)) == 800, "a row was lost or written twice"
+    assert len(shard_ids) == len(set(shard_ids)) == 500, "a row was lost or written twice"
     assert sorted(shard_ids) == sorted(read_ids)
-
-    reference = tmp_path / "reference"
-    assert cli("run", str(config), "--out", str(reference)).returncode == 0  # the session's 2-CPU cluster
-    assert file_hashes(out) == file_hashes(reference)

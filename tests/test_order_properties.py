@@ -371,7 +371,7 @@ def _rows(table: pa.Table) -> list[dict]:
     return table.to_pylist()
 
 
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(table=tables_with_null_keys(), seed=st.integers(0, 1000))
 def test_null_keys_follow_the_nulls_setting_in_every_strategy(ray_address, table, seed):
     """worst: the same order as with the null keys replaced by a value worse than every other
