@@ -3,6 +3,7 @@ that really loses a worker is tests/test_multinode.py)."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -14,7 +15,12 @@ from pipeline.engine.node_loss import NodeLost, alive_nodes, interrupt_on_stall_
 
 
 def test_a_stage_that_stalls_after_losing_a_node_is_interrupted(ray_address):
+    """Also with a SIGINT handler of another library in place (Ray Train leaves one that swallows
+    Ctrl-C): the watchdog uses Python's own for the stage, and puts the other one back after."""
     assert alive_nodes(), "the session cluster has a live node"
+    swallowed: list[int] = []
+    other_handler = lambda signum, frame: swallowed.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGINT, other_handler)
     started_with = alive_nodes() | {"a-node-that-died"}
     rows = iter(range(1, 1000))
     progress = {"rows": 0}
@@ -27,6 +33,8 @@ def test_a_stage_that_stalls_after_losing_a_node_is_interrupted(ray_address):
                     progress["rows"] = next(rows)
                 time.sleep(0.01)
     waited = time.monotonic() - began
+    assert signal.getsignal(signal.SIGINT) is other_handler and not swallowed
+    signal.signal(signal.SIGINT, previous)
     assert 2.5 <= waited < 15, f"interrupted after {waited:.1f} s: expected the 1 s stall after the last row"
 
 

@@ -15,6 +15,7 @@ ran what, so the resumed run writes the same bytes.
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,8 +74,10 @@ def interrupt_on_stall_after_node_loss(started_with: set[str], progress: Callabl
     ``progress()`` (rows written so far) has not moved for ``stall_seconds`` since.
 
     The body runs in the main thread and is interrupted like a Ctrl-C (Ray Data shuts its
-    executor down on one). Off the main thread (a notebook's worker thread) there is nothing to
-    interrupt, and only the node-loss errors themselves lead to a retry.
+    executor down on one), with Python's own SIGINT handler in place meanwhile: a handler another
+    library left behind (Ray Train installs one that only aborts its trainer) would swallow the
+    interrupt. Off the main thread (a notebook's worker thread) there is nothing to interrupt, and
+    only the node-loss errors themselves lead to a retry.
     """
     if stall_seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
@@ -100,6 +103,7 @@ def interrupt_on_stall_after_node_loss(started_with: set[str], progress: Callabl
                 _thread.interrupt_main()
                 return
 
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=watch, name="node-loss watchdog", daemon=True)
     thread.start()
     try:
@@ -112,6 +116,7 @@ def interrupt_on_stall_after_node_loss(started_with: set[str], progress: Callabl
     finally:
         stop.set()
         thread.join()
+        signal.signal(signal.SIGINT, previous_handler)
 
 
 def wait_until_marked_dead(started_with: set[str], timeout: float, log: Log) -> None:
