@@ -30,9 +30,10 @@ class UnreadableInputError(CurriculumError):
     """
 
 
-def find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The innermost exception of type ``kind`` in ``exc``'s chain (causes, contexts, Ray's wrapped
-    ``cause``): Ray re-raises a task's error as a subclass whose message is the whole traceback."""
+def find_cause(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """The innermost exception of type ``kind`` (a type or a tuple of types) in ``exc``'s chain (causes,
+    contexts, Ray's wrapped ``cause``): Ray re-raises a task's error as a subclass whose message is
+    the whole traceback."""
     seen: set[int] = set()
     queue: list[BaseException | None] = [exc]
     found = None

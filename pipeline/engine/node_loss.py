@@ -28,17 +28,6 @@ from pipeline.core.errors import StageError, find_cause
 
 Log = Callable[[str], None]
 
-# What Ray raises when the node under a task, an actor or an object went away.
-NODE_LOSS_ERRORS: tuple[type[BaseException], ...] = (
-    ray.exceptions.ActorDiedError,
-    ray.exceptions.ActorUnavailableError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.OwnerDiedError,
-    ray.exceptions.WorkerCrashedError,
-)
-
-
 class NodeLost(Exception):
     """The watchdog interrupted a stage that stalled after a node died."""
 
@@ -51,6 +40,18 @@ class NodeLostError(StageError):
         self.nodes = nodes
 
 
+# What Ray raises when the node under a task, an actor or an object went away, and the watchdog's own.
+NODE_LOSS_ERRORS: tuple[type[BaseException], ...] = (
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.ActorUnavailableError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OwnerDiedError,
+    ray.exceptions.WorkerCrashedError,
+    NodeLost,
+)
+
+
 def alive_nodes() -> set[str]:
     """IDs of the cluster's live nodes."""
     return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
@@ -58,13 +59,7 @@ def alive_nodes() -> set[str]:
 
 def node_loss_cause(exc: BaseException) -> BaseException | None:
     """The node-loss error in ``exc``'s chain (Ray wraps it in task errors), or None."""
-    if isinstance(exc, NodeLost):
-        return exc
-    for kind in NODE_LOSS_ERRORS:
-        found = find_cause(exc, kind)
-        if found is not None:
-            return found
-    return None
+    return find_cause(exc, NODE_LOSS_ERRORS)
 
 
 @contextmanager

@@ -127,20 +127,20 @@ def run_pipeline(config: Config, out_dir: Path | str, address: str | None = None
     joined_here = not ray.is_initialized()  # a notebook's own Ray session is not ours to end
     # Absolute, because Ray tasks on other nodes write into it from their own working directory.
     run_dir = out_dir if storage.is_uri(out_dir) else Path(out_dir).resolve()
-    retries = config.ray.node_loss_retries
-    for attempt in range(retries + 1):
+    retries, attempt = config.ray.node_loss_retries, 0
+    while True:
         connect_ray(config.ray, address)
         try:
             with pipeline_data_context():
                 return _run(config, run_dir, log, stage_objects)
         except NodeLostError as exc:
-            if attempt == retries:
+            attempt += 1
+            if attempt > retries:
                 raise
-            log(f"{exc}; resuming from the stage cache on the nodes that are left (retry {attempt + 1} of {retries})")
+            log(f"{exc}; resuming from the stage cache on the nodes that are left (retry {attempt} of {retries})")
             wait_until_marked_dead(exc.nodes, NODE_DEATH_WAIT_SECONDS, log)
             if joined_here:  # ending this job makes Ray kill its actors: none of them holds a survivor's CPU
                 ray.shutdown()
-    raise AssertionError("unreachable")
 
 
 def _stage_objects(config: Config, select: bool, log: Log) -> list[Stage]:
