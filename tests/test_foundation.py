@@ -349,3 +349,24 @@ def test_a_stage_marker_cut_by_a_crash_is_recomputed_not_read(ray_address, tmp_p
     assert [s["cached"] for s in again["stages"]] == [False, True]
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
     assert json.loads(marker.read_text())["rows_out"] == 60
+
+
+def test_a_run_sets_its_ray_data_context_and_restores_the_callers():
+    """A run reads its stage cache with Ray's first parquet reader (the second starts 32 actors per
+    read, which a 1-CPU cluster cannot place) and sorts with the pull-based shuffle; a notebook's
+    own settings come back afterwards."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    from pipeline.engine.runner import pipeline_data_context
+
+    context = ray.data.DataContext.get_current()
+    saved = context.use_datasource_v2, context.shuffle_strategy
+    context.use_datasource_v2, context.shuffle_strategy = True, ShuffleStrategy.SHUFFLE_V2
+    try:
+        with pipeline_data_context():
+            assert context.use_datasource_v2 is False
+            assert context.shuffle_strategy == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        assert (context.use_datasource_v2, context.shuffle_strategy) == (True, ShuffleStrategy.SHUFFLE_V2)
+    finally:
+        context.use_datasource_v2, context.shuffle_strategy = saved
