@@ -1,6 +1,9 @@
 """The ``curriculum`` command line. The only place that turns errors into exit codes.
 
 Exit codes: 0 success; 2 a usage or config error (nothing written); 1 a runtime failure.
+
+Each command imports what it runs when it runs: building the parser and validating a config cost
+no torch, transformers or Ray import, so a mistyped key or ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -24,13 +27,6 @@ from pipeline.core.errors import ConfigError, CurriculumError
 from pipeline.core.faults import planned_kill
 from pipeline.core.storage import is_uri
 from pipeline.engine.config import load_config
-from pipeline.engine.report import inspect_run
-from pipeline.engine.report_study import inspect_study, is_study_folder
-from pipeline.engine.runner import run_pipeline
-from pipeline.engine.select import rounds_table
-from pipeline.engine.verify import verify_run
-from pipeline.io.synth import write_synthetic
-from pipeline.io.synth_reasoning import held_out_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +78,8 @@ def _run_folder(out: str | None, name: str) -> Path | str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.engine.runner import run_pipeline
+
     config = load_config(args.config, args.sets)
     out = _run_folder(args.out, config.run.name)
     manifest = run_pipeline(config, out, address=args.ray_address)
@@ -93,6 +91,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
+    from pipeline.engine.runner import run_pipeline
+    from pipeline.engine.select import rounds_table
+
     config = load_config(args.config, args.sets)
     if config.select is None:
         raise ConfigError(f"{args.config}: select: the config has no select: section (rounds, budget, scorer, proxy)")
@@ -109,6 +110,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.io.synth import write_synthetic
+    from pipeline.io.synth_reasoning import held_out_path
+
     if args.docs < 1:
         raise ConfigError("--docs must be at least 1")
     n = write_synthetic(Path(args.out), args.docs, seed=args.seed, kind=args.kind)
@@ -126,6 +130,9 @@ def _local_run_dir(path: str, command: str) -> Path:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.engine.report import inspect_run
+    from pipeline.engine.report_study import inspect_study, is_study_folder
+
     run_dir = _local_run_dir(args.run_dir, "inspect")
     summary, report = inspect_study(run_dir) if is_study_folder(run_dir) else inspect_run(run_dir)
     print(summary)
@@ -134,6 +141,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.engine.verify import verify_run
+
     report = verify_run(_local_run_dir(args.run_dir, "verify"))
     for note in report.notes:
         print(f"note: {note}")

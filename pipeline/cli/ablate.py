@@ -7,9 +7,7 @@ from pathlib import Path
 
 from pipeline.cli.options import add_config_options
 from pipeline.core.errors import ConfigError
-from pipeline.engine.ablate import run_ablation
 from pipeline.engine.config import load_config
-from pipeline.engine.runner import run_pipeline
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +20,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    from pipeline.engine.ablate import run_ablation
+    from pipeline.engine.runner import run_pipeline
+
     config = load_config(args.config, args.sets)
     if config.ablate is None:
         raise ConfigError(f"{args.config}: ablate: the config has no ablate: section (partition_by, max_size, …)")

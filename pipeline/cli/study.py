@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_config_options
-from pipeline.engine.study import default_out, load_study_config, run_study
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline.engine.study import default_out, load_study_config, run_study
+
     study = load_study_config(args.config, args.sets)
     out = default_out(study) if args.out is None else args.out
     report = run_study(study, out, address=args.ray_address)

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import write_json_atomic
-from pipeline.engine.tokenize import tokenize_run
-from pipeline.io.megatron import export_megatron
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
+    from pipeline.engine.tokenize import tokenize_run
+
     record = tokenize_run(Path(args.run_dir), args.tokenizer, args.text_column, args.ray_address)
     print(f"token shards: {(Path(args.run_dir) / 'tokens').resolve()}")
     print(f"  {record['documents']} documents, {record['tokens']} tokens ({record['dtype']}) in "
@@ -39,6 +39,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "megatron":
         raise ConfigError(f"--format {args.format!r} is not supported")
+    from pipeline.io.megatron import export_megatron
+
     record = export_megatron(Path(args.run_dir), args.out)
     write_json_atomic(record["prefix"] + ".json", record, indent=2)
     print(f"megatron dataset: {record['prefix']} (.bin, .idx)")

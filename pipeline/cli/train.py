@@ -8,10 +8,6 @@ from pathlib import Path
 from pipeline.cli.options import add_config_options
 from pipeline.core.errors import ConfigError
 from pipeline.engine.config import load_config
-from pipeline.models.lm import load_causal_lm, resolve_device
-from pipeline.train.averaging import WeightsFile, average_checkpoints, greedy_soup
-from pipeline.train.evaluation import evaluate, load_eval_sets
-from pipeline.train.trainer import default_paths, run_training
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.trainer import default_paths, run_training
 
     config = load_config(args.config, args.sets)
     summary = run_training(config, args.data, args.out, ray_address=args.ray_address)
@@ -66,6 +63,7 @@ def _parse_eval(items: list[str]) -> dict[str, str]:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
+    from pipeline.train.averaging import WeightsFile, average_checkpoints, greedy_soup
 
     for c in args.checkpoints:
         if not Path(c).exists():
@@ -98,6 +96,8 @@ def _soup_evaluator(folder: Path, sets: dict[str, str], seq_len: int, max_tokens
     """state_dict -> mean eval loss over the sets, with the architecture and tokenizer of ``folder``."""
     import torch
 
+    from pipeline.models.lm import load_causal_lm, resolve_device
+    from pipeline.train.evaluation import evaluate, load_eval_sets
 
     model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
     device = resolve_device("auto")

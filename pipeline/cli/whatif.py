@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.engine.whatif import run_whatif
 from pipeline.train.fut import SECOND_ORDER
 
 
@@ -31,6 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
+    from pipeline.engine.whatif import run_whatif
+
     summary = run_whatif(args.train_dir, args.orders, args.out, args.verify, args.metric, args.ray_address,
                          estimator=args.estimator, second_order=args.second_order)
     sets = summary["orders"][0]["estimate"]["final"].keys()

@@ -34,8 +34,6 @@ from pipeline.core.settings import RayConfig, RunConfig, StrictModel
 from pipeline.io.runfolder import shard_files
 from pipeline.models.lm import compute_dtype, resolve_device
 from pipeline.train.averaging import average_state, write_averaged
-from pipeline.train.evaluation import evaluate, load_eval_sets
-from pipeline.train.trainer import run_training, save_resolved_tokenizer
 
 Log = Callable[[str], None]
 RESULT_COLUMNS = ("combination", "size", "proxy_loss", "baseline_loss", "real_loss")
@@ -246,6 +244,8 @@ class Job:
 
 def _train(job: Job, data: Path, out: Path, log: Log) -> dict[str, Any]:
     """Train (or pick up a finished training) and return its summary with the wall time it took."""
+    from pipeline.train.trainer import run_training
+
     timing = out / "ablate_timing.json"
     started = time.perf_counter()
     summary = run_training(job, data, out, log=log)
@@ -272,6 +272,8 @@ def run_ablation(config: Any, settings: AblateConfig, data: Path, out: Path, log
     """The whole ablation into ``out``; returns the summary (also ``out/summary.json``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.train.evaluation import evaluate, load_eval_sets
 
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
@@ -396,6 +398,8 @@ def _load_weights(model: Any, state: dict[str, Any]) -> None:
 def _shared_tokenizer(job: Job, data: Path, folder: Path, log: Log) -> str:
     """With no base training, one tokenizer for every model: resolved as the trainer would on the
     mixture of all partitions, and saved once."""
+    from pipeline.train.trainer import save_resolved_tokenizer
+
     return save_resolved_tokenizer(job, data, folder, folder.parent / "base", log, "ablate")
 
 

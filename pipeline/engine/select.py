@@ -52,7 +52,6 @@ from pipeline.io.writer import write_shards
 from pipeline.models.causal_lm_scorer import PerplexityScorer
 from pipeline.models.pool import Resources, cluster_size, map_with_actor_pool, place
 from pipeline.train.config import TrainConfig
-from pipeline.train.trainer import run_training
 from stages.base import Stage, StageContext
 from stages.kmq import (
     MAX_CLUSTER_DETAIL,
@@ -440,6 +439,8 @@ class SelectStep(Stage):
         if summary_file.is_file() and (out_dir / "final").is_dir():
             summary = json.loads(summary_file.read_text())
         else:
+            from pipeline.train.trainer import run_training  # torch: only where a proxy trains
+
             job = _ProxyJob(run=RunConfig(name=f"select-{folder.name}", seed=seed), ray=self.ray_config,
                             train=p.proxy.model_dump(mode="json"))
             summary = run_training(job, data_dir, out_dir, log=self.log)

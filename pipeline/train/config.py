@@ -195,7 +195,10 @@ class RecordConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    model: ModelSpec = ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2})
+    # A factory: validating a ModelSpec imports transformers (and torch), which importing this
+    # module, or validating a config without a train: section, should not.
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(config={"model_type": "gpt2", "n_layer": 2,
+                                                                        "n_embd": 128, "n_head": 2}))
     tokenizer: str | None = Field(
         None, description="HF tokenizer folder; default: model.pretrained's, else the run's reference LM's, "
         "else a BPE trained on the shards."
