@@ -31,7 +31,8 @@ lint: install-dev
 	$(BIN)/lint-imports
 
 # Two test processes, each with its own 2-CPU Ray cluster (a test file stays in one process, so
-# its module fixtures are built once): most tests wait on Ray start-up and subprocesses.
+# its module fixtures are built once). Most of the suite's CPU goes to starting processes (Ray
+# workers, model actors importing torch and transformers, CLI subprocesses), which keeps 2 cores busy.
 test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30 tests
 

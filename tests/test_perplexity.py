@@ -292,7 +292,9 @@ def test_held_out_split_scores_the_other_half_at_no_position_the_lm_did_not_trai
     long_id = next(i for i in (f"long-{k}" for k in range(100)) if uniform([i], 3, HALF_SALT)[0] >= 0.5)  # scored
     rows.append({"id": long_id, "text": long_text, "true_quality": 0.5})
     reference = {**TINY_REFERENCE, "seq_len": 32, "model": {**TINY, "n_positions": 1024}}
-    params = PerplexityParams(reference=reference, max_length=64, token_budget=256, split="held_out")
+    # One actor (here and below): starting a second costs ~10 s of imports on 2 cores, and scoring
+    # across actors and block layouts is test_stage_trains_reuses_and_scores_whatever_the_block_layout's.
+    params = PerplexityParams(reference=reference, max_length=64, token_budget=256, split="held_out", concurrency=1)
     ctx = _ctx(tmp_path, seed=3)
     out = {r["id"]: r for r in PerplexityStage(params).apply(_dataset(rows, 2), ctx).take_all()}
     train_half = {r["id"] for r, u in zip(rows, uniform([r["id"] for r in rows], 3, HALF_SALT)) if u < 0.5}
@@ -317,7 +319,7 @@ def test_reference_data_trains_on_the_trusted_text(ray_address: str, tmp_path: P
     trusted = tmp_path / "trusted.jsonl"
     good = [d for d in _docs(200, start=5000) if d["true_quality"] > 0.8]
     trusted.write_text("".join(json.dumps({"body": d["text"]}) + "\n" for d in good) + "not json\n")
-    params = PerplexityParams(reference=TINY_REFERENCE, max_length=64,
+    params = PerplexityParams(reference=TINY_REFERENCE, max_length=64, concurrency=1,
                               reference_data={"path": str(trusted), "text_field": "body"})
     ctx = _ctx(tmp_path)
     out = PerplexityStage(params).apply(_dataset(_docs(20), 1), ctx).take_all()
@@ -430,7 +432,8 @@ def test_cli_scores_selects_and_orders_by_perplexity(ray_address: str, tmp_path:
 
     from pipeline.cli import main
 
-    stages = [{"name": "perplexity", "model": "reference", "max_length": 64, "reference": TINY_REFERENCE},
+    stages = [{"name": "perplexity", "model": "reference", "max_length": 64, "reference": TINY_REFERENCE,
+               "concurrency": 1},
               {"name": "select_perplexity", "preset": "points"},
               {"name": "order", "method": "sort", "key": "ppl", "direction": "ascending"}]
     run = tmp_path / "run"
