@@ -13,8 +13,11 @@ here and ``embed`` -> ``cluster``, and orders by quality inside clusters.
   workers' memory is not counted and anything collected to the driver is. Bound: <= 2 GiB.
 
 ``python benchmarks/bench_scale.py [--sizes 10000,100000,1000000] [--heavy-docs 100000]
-[--no-heavy | --only-heavy]``; ``--only-heavy`` reruns the heavy pipeline and keeps the light
-figures already in the JSON. Writes ``benchmarks/out/scale.json``; the run folders go to
+[--no-heavy | --only-heavy] [--heavy-small-models]``; ``--only-heavy`` reruns the heavy pipeline and
+keeps the light figures already in the JSON. ``--heavy-small-models`` scores with a 1-layer,
+32-wide reference LM (a 512-token vocabulary, 64-token windows) and embeds 32 tokens per document
+(the same stages, data path and actor pools, a fraction of the model compute), for machines where
+the default models would take hours at 100k documents. Writes ``benchmarks/out/scale.json``; the run folders go to
 ``benchmarks/out/scale/`` and are deleted after each size unless ``--keep``.
 """
 
@@ -36,6 +39,16 @@ LIGHT = [{"name": "quality"}, {"name": "order", "method": "sort", "key": "alpha_
 HEAVY = [{"name": "quality"}, {"name": "perplexity", "model": "reference"}, {"name": "combine"}, {"name": "embed"},
          {"name": "cluster", "k": 10}, {"name": "order", "method": "cluster_interleave", "key": "quality",
                                         "higher_is_better": True}]
+SMALL_MODELS = {
+    "perplexity": {"max_length": 64, "reference": {"vocab_size": 512, "seq_len": 64, "steps": 100,
+                                                   "model": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32,
+                                                             "n_head": 2}}},
+    "embed": {"max_length": 32},
+}
+
+
+def heavy_stages(small_models: bool) -> list[dict]:
+    return [{**stage, **SMALL_MODELS.get(stage["name"], {})} if small_models else stage for stage in HEAVY]
 
 
 def run_size(address: str, docs: int, stages: list[dict], label: str, keep: bool) -> dict:
@@ -81,6 +94,8 @@ def main() -> int:
     parser.add_argument("--only-heavy", action="store_true", help="rerun the heavy pipeline only; keep the light "
                         "results already in scale.json")
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
+    parser.add_argument("--heavy-small-models", action="store_true",
+                        help="the heavy pipeline with a tiny reference LM and 32-token embeddings")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
 
@@ -95,7 +110,8 @@ def main() -> int:
     else:
         results = [run_size(address, docs, LIGHT, "light", args.keep) for docs in sizes]
     if not args.no_heavy:
-        results.append(run_size(address, args.heavy_docs, HEAVY, "heavy", args.keep))
+        label = "heavy-small-models" if args.heavy_small_models else "heavy"
+        results.append(run_size(address, args.heavy_docs, heavy_stages(args.heavy_small_models), label, args.keep))
     ray.shutdown()
     light = [r for r in results if r["pipeline"] == "light"]
     smallest, largest = light[0], light[-1]
