@@ -5,7 +5,8 @@ The folder is what the runner's cache holds: ``--files`` parquet files of ``--ro
 readers run the same read → ``map_batches`` (identity) → ``to_arrow_refs`` and must give the same
 table, in the same order. ``--repeats`` reads each, alternating; the first read of each is reported
 apart (cold: Ray starts the workers it needs), the rest as the median. (The default reader also
-starts a pool of footer-reading actors, one process each, inside every read.)
+starts a pool of footer-reading actors, one process each, inside every read.) The floor, in the same
+run: ``pyarrow.dataset`` reading the folder into one table in this process, no Ray at all.
 
 ``python benchmarks/bench_cache_read.py [--files 12] [--rows 100] [--repeats 5] [--cpus 2]``
 """
@@ -21,10 +22,17 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import ray.data
 from common import OUT_DIR  # noqa: E402  (first: puts the checkout on sys.path)
+
+
+def _read_in_process(folder: Path) -> tuple[float, pa.Table]:
+    started = time.perf_counter()
+    table = pads.dataset(str(folder), format="parquet").to_table()
+    return time.perf_counter() - started, table
 
 
 def _read(folder: Path, first_reader: bool) -> tuple[float, pa.Table]:
@@ -55,20 +63,24 @@ def main() -> int:
     context.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
-    times: dict[str, list[float]] = {"first_reader": [], "default_reader": []}
+    readers = {"first_reader": lambda: _read(folder, True), "default_reader": lambda: _read(folder, False),
+               "pyarrow_in_process": lambda: _read_in_process(folder)}
+    times: dict[str, list[float]] = {name: [] for name in readers}
     tables: dict[str, pa.Table] = {}
     for _ in range(args.repeats):
-        for name in times:
-            seconds, tables[name] = _read(folder, name == "first_reader")
+        for name, read in readers.items():
+            seconds, tables[name] = read()
             times[name].append(seconds)
-    assert tables["first_reader"].equals(tables["default_reader"]), "the two readers gave different tables"
+    for name in ("default_reader", "pyarrow_in_process"):
+        assert tables["first_reader"].equals(tables[name]), f"{name} gave another table"
     assert tables["first_reader"].num_rows == args.files * args.rows
 
     result = {"files": args.files, "rows_per_file": args.rows, "cpus": args.cpus, "repeats": args.repeats}
     for name, values in times.items():
         result[name] = {"cold_s": round(values[0], 3), "warm_median_s": round(statistics.median(values[1:]), 3)}
-    result["warm_ratio_default_over_first"] = round(result["default_reader"]["warm_median_s"]
-                                                    / result["first_reader"]["warm_median_s"], 2)
+    warm = {name: result[name]["warm_median_s"] for name in readers}
+    result["warm_ratio_default_over_first"] = round(warm["default_reader"] / warm["first_reader"], 2)
+    result["warm_ratio_first_over_pyarrow"] = round(warm["first_reader"] / warm["pyarrow_in_process"], 2)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "cache_read.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -292,7 +292,7 @@ def test_held_out_split_scores_the_other_half_at_no_position_the_lm_did_not_trai
     long_id = next(i for i in (f"long-{k}" for k in range(100)) if uniform([i], 3, HALF_SALT)[0] >= 0.5)  # scored
     rows.append({"id": long_id, "text": long_text, "true_quality": 0.5})
     reference = {**TINY_REFERENCE, "seq_len": 32, "model": {**TINY, "n_positions": 1024}}
-    # One actor (here and below): starting a second costs ~10 s of imports on 2 cores, and scoring
+    # One actor (here and below): starting a second costs seconds of imports, and scoring
     # across actors and block layouts is test_stage_trains_reuses_and_scores_whatever_the_block_layout's.
     params = PerplexityParams(reference=reference, max_length=64, token_budget=256, split="held_out", concurrency=1)
     ctx = _ctx(tmp_path, seed=3)

@@ -71,7 +71,7 @@ def pipeline_data_context():
     Stage caches are read with Ray's first parquet reader (``use_datasource_v2 = False``): the
     second one starts a pool of 32 footer-reading actors, each a new worker process, for every
     ``read_parquet``, from a task that holds a CPU (a 1-CPU cluster cannot place them). On 2 CPUs
-    a 12-file read took 2.18 s against 0.24 s (benchmarks/bench_cache_read.py), at every stage.
+    a 12-file read took 2.96 s against 0.31 s (benchmarks/bench_cache_read.py), at every stage.
     """
     context = ray.data.DataContext.get_current()
     previous = context.shuffle_strategy, context.use_datasource_v2
