@@ -78,6 +78,8 @@ def run_size(address: str, docs: int, stages: list[dict], label: str, keep: bool
         "docs_per_second": round(docs / run_seconds, 1), "us_per_doc": round(1e6 * run_seconds / docs, 2),
         "driver_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
         "stages": {s["name"]: s["seconds"] for s in manifest["stages"]},
+        # The driver's peak RSS when each stage ended (monotone): where it jumps, a stage held data in the driver.
+        "driver_peak_rss_mib_after": {s["name"]: s.get("driver_peak_rss_mib") for s in manifest["stages"]},
         "timing": manifest.get("timing"),
     }
     if not keep:

@@ -49,6 +49,9 @@ class StageContext:
     ``upstream_artifacts`` holds the artifacts of the stages before this one (name -> path relative
     to the run folder, e.g. ``reference_lm``), for a step that reuses one of them.
 
+    ``row_tally``, when the runner is logging progress, is a ``pipeline.models.pool.RowTally`` that
+    a model stage hands to ``map_with_actor_pool``, so its progress shows while it materializes.
+
     ``added`` and ``dropped`` (reason -> rows) declare row-count changes that the ``_drop_reason``
     column does not carry (e.g. the repeats of a paced curriculum). The runner checks that
     rows out = rows in - dropped + added, reason by reason summed, and fails the run otherwise:
@@ -65,6 +68,7 @@ class StageContext:
     placement: Placement | None = None
     added: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    row_tally: Any = None
     upstream_artifacts: dict[str, str] = field(default_factory=dict)
 
 
@@ -77,6 +81,8 @@ class Stage:
     # Columns kept in the stage cache but left out of the shards unless ``output.keep_embeddings``
     # (embedding vectors: large, and only needed by later stages such as clustering).
     cache_only_columns: ClassVar[tuple[str, ...]] = ()
+    # True for a stage whose actor pool adds its rows to ``ctx.row_tally`` (the runner's progress lines).
+    tallies_rows: ClassVar[bool] = False
     version: ClassVar[int] = 1  # bump when the stage's output changes for the same params
 
     def __init__(self, params: StageParams) -> None:

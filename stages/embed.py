@@ -56,6 +56,7 @@ class EmbedParams(StageParams):
 
 class EmbedStage(Stage):
     name: ClassVar[str] = "embed"
+    tallies_rows: ClassVar[bool] = True
     Params = EmbedParams
     columns: ClassVar[tuple[str, ...]] = ("embedding",)
     cache_only_columns: ClassVar[tuple[str, ...]] = ("embedding",)
@@ -85,7 +86,7 @@ class EmbedStage(Stage):
             "model": p.model, "pooling": p.pooling, "normalize": p.normalize, "max_length": p.max_length,
             "token_budget": budget, "storage": p.storage, "column": p.column, "dtype": p.dtype,
             "trust_remote_code": p.trust_remote_code,
-        }).materialize()
+        }, tally=ctx.row_tally, info=ctx.info).materialize()
         seconds = {"embedding": time.time() - t0}
         tokens, counts = count_tokens_and_null_reasons(embedded, NULL_REASON, TOKENS)
         seconds["statistics"] = time.time() - t0 - seconds["embedding"]

@@ -258,6 +258,7 @@ def _summarize(table: pa.Table) -> pa.Table:
 
 class PermuteStage(Stage):
     name: ClassVar[str] = "permute"
+    tallies_rows: ClassVar[bool] = True
     Params = PermuteParams
     columns: ClassVar[tuple[str, ...]] = ("variant", "source_id")
 
@@ -295,7 +296,8 @@ class PermuteStage(Stage):
         placement = self.placement(ctx)
         out = map_with_actor_pool(ds, PermuteBatch, placement, p.batch_size, {
             "segmenter": p.segmenter, "spec": spec, "probs": p.probs, "fraction": p.fraction, "copies": p.copies,
-            "keep_original": p.keep_original, "seed": seed, "api_key": api_key}).materialize()
+            "keep_original": p.keep_original, "seed": seed, "api_key": api_key},
+            tally=ctx.row_tally, info=ctx.info).materialize()
 
         copies: dict[str, int] = {}
         fallbacks: dict[str, int] = {}

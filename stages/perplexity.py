@@ -83,6 +83,7 @@ class PerplexityParams(StageParams):
 
 class PerplexityStage(Stage):
     name: ClassVar[str] = "perplexity"
+    tallies_rows: ClassVar[bool] = True
     Params = PerplexityParams
     columns: ClassVar[tuple[str, ...]] = SCORE_COLUMNS
     version: ClassVar[int] = 2  # 2: the reference LM's context is its training length
@@ -138,7 +139,7 @@ class PerplexityStage(Stage):
             "model": model, "max_length": p.max_length, "stride": p.stride, "token_budget": budget,
             "pad_multiple": p.pad_multiple, "head_chunk": p.head_chunk, "dtype": p.dtype,
             "trust_remote_code": p.trust_remote_code, "half_seed": half_seed,
-        }).materialize()
+        }, tally=ctx.row_tally, info=ctx.info).materialize()
         timings["scoring"] = time.time() - t1
         tokens, counts = count_tokens_and_null_reasons(scored, NULL_REASON, "n_tokens")
         info["null_scores"] = sum(counts.values())

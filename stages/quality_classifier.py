@@ -84,6 +84,7 @@ class QualityClassifierParams(StageParams):
 
 class QualityClassifierStage(Stage):
     name: ClassVar[str] = "quality_classifier"
+    tallies_rows: ClassVar[bool] = True
     Params = QualityClassifierParams
     columns: ClassVar[tuple[str, ...]] = (COLUMN,)
 
@@ -159,6 +160,7 @@ class QualityClassifierStage(Stage):
             ds, SequenceClassifierScorer, placement, p.batch_size,
             {"model": p.model, "label": p.label, "max_length": p.max_length, "max_tokens": p.max_tokens,
              "trust_remote_code": p.trust_remote_code, "column": COLUMN},
+            tally=ctx.row_tally, info=ctx.info,
         )
 
 

@@ -153,7 +153,7 @@ def test_the_stage_through_ray_equals_the_kernel_in_process(ray_address: str, tm
     ids = [f"d{i:03d}" for i in range(len(texts))]
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ids, "text": texts}), path)
-    stage = EmbedStage(EmbedParams(max_length=MAX_LENGTH, docs_per_call=8))
+    stage = EmbedStage(EmbedParams(max_length=MAX_LENGTH, docs_per_call=4))
     ctx = StageContext(run_dir=tmp_path, artifact_dir=tmp_path / "artifacts", seed=0, input_columns=["id", "text"])
     out = stage.apply(ray.data.read_parquet(str(path)), ctx)
     table = pa.concat_tables(ray.get(out.to_arrow_refs()))
@@ -162,9 +162,9 @@ def test_the_stage_through_ray_equals_the_kernel_in_process(ray_address: str, tm
     got, valid = arrow_to_vectors(table["embedding"].take([by_id[i] for i in ids]))
     expected, tokens, reasons = encoder.embed(texts)
     assert valid.tolist() == [r is None for r in reasons] and valid.sum() == 30
-    assert np.array_equal(got, expected)  # 2 actors x 1 thread, batches of 8 rows == one process, 2 threads
+    assert np.array_equal(got, expected)  # 2 actors x 1 thread, batches of 4 rows == one process, 2 threads
     info = ctx.info
-    assert info["concurrency"] == 2 and info["dim"] == 384 and info["model"] == "all-MiniLM-L6-v2"
+    assert info["concurrency"] == info["actors"] == 2 and info["dim"] == 384 and info["model"] == "all-MiniLM-L6-v2"
     assert info["null_reasons"] == {"empty_text": 1, "null_text": 1} and info["null_vectors"] == 2
     assert info["tokens_embedded"] == int(tokens.sum()) and info["tokens_per_second"] > 0
 

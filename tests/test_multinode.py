@@ -33,7 +33,9 @@ CONFIG = {
     "input": {"format": "synthetic", "synthetic": {"docs": 500, "kind": "graded"}},
     "stages": [
         {"name": "quality"},
-        {"name": "perplexity", "model": "reference", "max_length": 128,
+        # 64 documents per call: a pool gets 4 batches per actor at least, so 500 rows still start
+        # one scorer on each worker node.
+        {"name": "perplexity", "model": "reference", "max_length": 128, "docs_per_call": 64,
          "reference": {"max_docs": 300, "vocab_size": 512, "steps": 20, "seq_len": 64, "batch_size": 8,
                        "model": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}}},
         {"name": "combine"},

@@ -139,10 +139,14 @@ def test_reversal_corpus_and_probes(tmp_path):
         assert fact["text"].startswith(fact["subject"])
 
 
-def test_spt_run_declares_its_added_rows(ray_address, tmp_path):
+def test_spt_run_declares_its_added_rows(ray_address, tmp_path, monkeypatch):
+    monkeypatch.setenv("CURRICULUM_PROGRESS_SECONDS", "0.05")
     config = load_config(ROOT / "configs" / "spt.yaml", ["input.synthetic.docs=60", "stages.permute.copies=2"])
     out = tmp_path / "run"
-    manifest = run_pipeline(config, out, address=ray_address, log=lambda m: None)
+    lines: list[str] = []
+    manifest = run_pipeline(config, out, address=ray_address, log=lines.append)
+    # The actor pool's rows show in the progress lines (the runner's RowTally; test_progress.py has the rest).
+    assert any(re.match(r"\[1/2 permute\] [1-9][\d,]* / 60 rows", line) for line in lines), lines
     permute = next(s for s in manifest["stages"] if s["name"] == "permute")
     added = permute["added_by"]
     assert set(added) <= {f"permute.{v}" for v in VARIANTS} and sum(added.values()) == 120

@@ -457,3 +457,13 @@ def test_cli_exits_1_naming_an_unreachable_model(cli, tmp_path: Path) -> None:
                  "--out", str(tmp_path / "run"))
     assert result.returncode == 1
     assert MISSING_MODEL in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_small_input_gets_a_small_actor_pool() -> None:
+    from pipeline.models.pool import MIN_BATCHES_PER_ACTOR, actors_for
+
+    assert MIN_BATCHES_PER_ACTOR == 4
+    assert actors_for(450, 256, 2) == 1  # under 4 batches of work for a second actor
+    assert actors_for(1025, 256, 2) == 2
+    assert actors_for(1_000_000, 4096, 8) == 8  # never more than the placement allows
+    assert actors_for(0, 256, 8) == 1

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.engine.config import validate_config
-from pipeline.engine.progress import RowsWritten, progress_interval, progress_line, progress_lines
+from pipeline.engine.progress import RowsWritten, progress_interval, progress_line, progress_lines, tallied_rows
 from pipeline.engine.runner import run_pipeline
 
 
@@ -69,3 +69,36 @@ def test_the_runner_logs_progress_while_a_stage_runs(ray_address, tmp_path: Path
     run_pipeline(config, tmp_path / "run", log=lines.append)
     assert any(line.startswith("[1/2 quality] ") and ("rows/s" in line or "no rows written yet" in line)
                for line in lines), lines
+
+
+class _SlowEcho:
+    """A stand-in model actor: every batch takes a while, as a model's would."""
+
+    def __init__(self, device: str, threads: int) -> None:
+        self.device = device
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        time.sleep(0.2)
+        return table
+
+
+def test_a_model_stage_shows_its_rows_before_it_writes_any(ray_address, tmp_path: Path) -> None:
+    import ray.data
+
+    from pipeline.models.pool import Placement, map_with_actor_pool, start_row_tally
+
+    tally = start_row_tally()
+    lines: list[str] = []
+    ds = ray.data.from_items([{"id": str(i)} for i in range(120)], override_num_blocks=6)
+    # Nothing is written to the folder: the rows in the lines can only come from the actors' tally.
+    with progress_lines(tmp_path, 120, "[1/1 embed]", lines.append, interval=0.05, tally=tally):
+        out = map_with_actor_pool(ds, _SlowEcho, Placement("cpu", 1, 0.0, 1), 10, {}, tally=tally).materialize()
+    assert out.count() == 120 and sorted(out.to_pandas()["id"], key=int) == [str(i) for i in range(120)]
+    done = [int(m.group(1).replace(",", "")) for line in lines if (m := re.match(r"\[1/1 embed\] ([\d,]+) / 120 rows", line))]
+    assert done and done == sorted(done), lines  # counted as the batches finish, never backwards
+    assert any(0 < n < 120 for n in done), lines  # seen mid-stage
+    deadline = time.monotonic() + 10  # the last batches' adds are fire-and-forget
+    while tallied_rows(tally) < 120 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tallied_rows(tally) == 120
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -75,6 +76,19 @@ def build_manifest(
 def rows_per_second(rows: int | None, seconds: float | None) -> float | None:
     """Throughput of a step: rows in over its wall time (None when it took no measurable time)."""
     return round(rows / seconds, 1) if rows is not None and seconds else None
+
+
+def driver_peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where the OS does not say).
+
+    Recorded after each stage: the stage after which it jumps is the one holding data in the driver.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
 
 def step_timing(rows: int, seconds: float, cached: bool) -> dict[str, Any]:

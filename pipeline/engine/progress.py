@@ -4,8 +4,10 @@ On a terminal Ray Data draws its own progress bars. A log file gets one line eve
 ``CURRICULUM_PROGRESS_SECONDS`` (default 30 s when stderr is not a terminal, off on a terminal;
 0 turns it off) while a stage runs, counted from the parquet files the stage has finished writing
 into its cache folder (its ``.*.tmp-*`` parts locally; the ``data``/``dropped`` objects, written in
-place, on object storage), so the count costs a footer read per new file and nothing on the workers.
-A stage that writes only at the end (a global sort) shows its elapsed time until then.
+place, on object storage), so the count costs a footer read per new file and nothing on the workers. A model stage, which
+materializes its output before the cache write, counts the rows its actors finished in a
+``RowTally`` instead (``pipeline.models.pool``); a stage that writes only at the end (a global
+sort) shows its elapsed time until then.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import ray
 
 from pipeline.core import storage
 from pipeline.io.runfolder import shard_metadata
@@ -83,18 +88,31 @@ def progress_line(tag: str, done: int, total: int, elapsed: float) -> str:
     return line + f" (running for {_duration(elapsed)})"
 
 
+def tallied_rows(tally: Any) -> int:
+    """The rows a ``RowTally`` has counted (0 while it cannot answer)."""
+    try:
+        return int(ray.get(tally.total.remote(), timeout=10))
+    except Exception:  # noqa: BLE001 - a progress line must never fail the stage
+        return 0
+
+
 @contextmanager
-def progress_lines(folder: Path | str, total: int, tag: str, log: Log, interval: float | None = None) -> Iterator[None]:
-    """Log a progress line every ``interval`` seconds while the body runs (none when it is 0)."""
+def progress_lines(folder: Path | str, total: int, tag: str, log: Log, interval: float | None = None,
+                   tally: Any = None) -> Iterator[None]:
+    """Log a progress line every ``interval`` seconds while the body runs (none when it is 0): the
+    rows written to ``folder``, or those the stage's ``tally`` counted when it is further along."""
     interval = progress_interval() if interval is None else interval
     if interval <= 0:
         yield
         return
     rows_written, stop, started = RowsWritten(folder), threading.Event(), time.monotonic()
 
+    def done() -> int:
+        return max(rows_written(), tallied_rows(tally) if tally is not None else 0)
+
     def report() -> None:
         while not stop.wait(interval):
-            log(progress_line(tag, rows_written(), total, time.monotonic() - started))
+            log(progress_line(tag, done(), total, time.monotonic() - started))
 
     thread = threading.Thread(target=report, name=f"progress {tag}", daemon=True)
     thread.start()

@@ -34,7 +34,7 @@ from pipeline.core.paths import expand_input_paths, ignored_input_files
 from pipeline.core.ray_session import connect_ray
 from pipeline.engine.cache import StageCache, stage_key, stage_spec
 from pipeline.engine.config import Config
-from pipeline.engine.manifest import build_manifest, rows_per_second, step_timing, write_manifest
+from pipeline.engine.manifest import build_manifest, driver_peak_rss_mib, rows_per_second, step_timing, write_manifest
 from pipeline.engine.node_loss import (
     NodeLostError,
     alive_nodes,
@@ -42,12 +42,12 @@ from pipeline.engine.node_loss import (
     node_loss_cause,
     wait_until_marked_dead,
 )
-from pipeline.engine.progress import RowsWritten, progress_lines
+from pipeline.engine.progress import RowsWritten, progress_interval, progress_lines
 from pipeline.engine.select import SelectStep
 from pipeline.io.ingest import ingest
 from pipeline.io.readers import read_input
 from pipeline.io.writer import write_shards
-from pipeline.models.pool import cluster_size, place
+from pipeline.models.pool import cluster_size, place, start_row_tally
 from stages.base import Stage, StageContext
 from stages.registry import build_stage
 
@@ -242,9 +242,10 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
             ctx = StageContext(run_dir=cache.work_dir, artifact_dir=cache.artifacts(folder), seed=seed,
                                input_columns=list(upstream.schema().names),
                                placement=place(stage.resources(), *cluster_size()),
-                               upstream_artifacts=dict(artifacts))
+                               upstream_artifacts=dict(artifacts),
+                               row_tally=start_row_tally() if stage.tallies_rows and progress_interval() > 0 else None)
             try:
-                with progress_lines(folder, rows, tag, log), \
+                with progress_lines(folder, rows, tag, log, tally=ctx.row_tally), \
                         kill_when_written(f"stage:{stage.name}", folder, ".data.tmp-*/*.parquet"), \
                         interrupt_on_stall_after_node_loss(nodes, RowsWritten(folder), config.ray.node_loss_stall_seconds):
                     out = stage.apply(upstream, ctx)
@@ -263,12 +264,16 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
                     raise NodeLostError(f"{where}: a Ray node was lost ({type(lost).__name__}: "
                                         f"{str(lost).splitlines()[0][:200]})", nodes) from exc
                 raise StageError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                if ctx.row_tally is not None:
+                    ray.kill(ctx.row_tally)
             dropped_by = _merge_counts(dropped_by, ctx.dropped)
             added_by = _merge_counts({}, ctx.added)
             check_declared_counts(f"stage {stage.name!r} (stages[{index - 1}])", rows, rows_out, dropped_by, added_by)
             record = {"name": stage.name, "key": key, "rows_in": rows, "rows_out": rows_out,
                       "dropped": sum(dropped_by.values()), "added": sum(added_by.values()),
-                      "seconds": round(time.time() - t0, 3), "info": ctx.info, "order": ctx.order,
+                      "seconds": round(time.time() - t0, 3), "driver_peak_rss_mib": driver_peak_rss_mib(),
+                      "info": ctx.info, "order": ctx.order,
                       "artifacts": ctx.artifacts}
             if dropped_by:
                 record["dropped_by"] = dropped_by

@@ -60,6 +60,11 @@ def cluster_size() -> tuple[int, int]:
     return max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the connected cluster's largest live node: the most one task can ask for."""
+    return max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
 def place(resources: Resources, cpus: int, gpus: int) -> Placement:
     """The placement of ``resources`` on a cluster of ``cpus`` and ``gpus``.
 
@@ -75,8 +80,68 @@ def place(resources: Resources, cpus: int, gpus: int) -> Placement:
     return Placement(device, resources.concurrency or max(1, cpus // threads), 0.0, threads)
 
 
+@ray.remote(num_cpus=0, max_restarts=0)
+class RowTally:
+    """Rows the actors of a running model stage have finished, for the runner's progress lines.
+
+    A model stage materializes its output before the runner writes it to the stage cache, so the
+    cache folder shows no rows until the stage is done; the actors add each batch's rows here
+    instead (one fire-and-forget call per batch). The runner starts it on its own node only while
+    it logs progress.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
+
+
+def start_row_tally() -> Any:
+    """A :class:`RowTally` on the driver's node (a worker node may die; the driver's cannot without the run)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return RowTally.options(scheduling_strategy=here).remote()
+
+
+class _Tallied:
+    """A model actor whose every batch is also added to a :class:`RowTally`."""
+
+    wrapped: type
+
+    def __init__(self, tally: Any, **kwargs: Any) -> None:
+        self._actor = self.wrapped(**kwargs)
+        self._tally = tally
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self._actor(batch)
+        self._tally.add.remote(batch.num_rows)
+        return out
+
+
+def _tallied(actor: type) -> type:
+    # Keeps the actor's name: Ray titles the worker process after it (ray::MapWorker(MapBatches(NAME))).
+    return type(actor.__name__, (_Tallied,), {"wrapped": actor, "__module__": _Tallied.__module__})
+
+
+# Starting an actor (a process, torch, the model) costs about as much as a few batches of work.
+MIN_BATCHES_PER_ACTOR = 4
+
+
+def actors_for(rows: int, batch_size: int, concurrency: int) -> int:
+    """How many actors a pool of at most ``concurrency`` starts for ``rows`` in batches of
+    ``batch_size``: at least :data:`MIN_BATCHES_PER_ACTOR` batches each, so a small input gets a
+    small pool (450 rows in batches of 256: one actor, not one per CPU)."""
+    return max(1, min(concurrency, -(-rows // (MIN_BATCHES_PER_ACTOR * batch_size))))
+
+
 def map_with_actor_pool(ds: ray.data.Dataset, actor: type, placement: Placement, batch_size: int,
-                        constructor_kwargs: dict[str, Any]) -> ray.data.Dataset:
+                        constructor_kwargs: dict[str, Any], tally: Any = None,
+                        info: dict[str, Any] | None = None) -> ray.data.Dataset:
     """``ds.map_batches(actor)`` as a pool of ``placement.concurrency`` actors on pyarrow batches.
 
     The actor class is built with ``constructor_kwargs`` plus ``device`` and ``threads`` from the
@@ -85,18 +150,28 @@ def map_with_actor_pool(ds: ray.data.Dataset, actor: type, placement: Placement,
     read tasks (Ray Data then waits forever; seen on 2 cores). Ray hands each actor whole blocks,
     and a small input read from a few files is one or two blocks, which would keep every actor
     but one idle, so it is split until each actor gets several. The actors are not restarted
-    when they die (``pipeline.engine.node_loss`` says why and what happens instead).
+    when they die (``pipeline.engine.node_loss`` says why and what happens instead). With a
+    ``tally`` (:func:`start_row_tally`) each actor adds the rows of every batch it finished to it.
+    The pool has ``placement.concurrency`` actors, or fewer for a small input (:func:`actors_for`);
+    ``info``, when given, gets the number started as ``actors``.
     """
     ds = ds.materialize()
-    wanted = max(2 * placement.concurrency, min(-(-ds.count() // batch_size), 16 * placement.concurrency))
+    rows = ds.count()
+    actors = actors_for(rows, batch_size, placement.concurrency)
+    if info is not None:
+        info["actors"] = actors
+    wanted = max(2 * actors, min(-(-rows // batch_size), 16 * actors))
     if ds.num_blocks() < wanted:  # materialized here too: its split tasks need a free CPU
         ds = ds.repartition(wanted).materialize()
+    kwargs = {**constructor_kwargs, "device": placement.device, "threads": placement.threads}
+    if tally is not None:
+        actor, kwargs = _tallied(actor), {**kwargs, "tally": tally}
     return ds.map_batches(
         actor,
-        fn_constructor_kwargs={**constructor_kwargs, "device": placement.device, "threads": placement.threads},
+        fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=placement.concurrency),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=placement.threads,
         num_gpus=placement.num_gpus or None,
         # An actor lost with its node is not restarted: the restart would wait for a slot the

@@ -4,9 +4,10 @@ Perplexity under a small model trained on (part of) the corpus is Ankner et al.'
 model (ICLR 2025); CCNet trains on a trusted set instead. The perplexity stage picks the sample
 (``sample_input``, ``sample_reference_data``); this module trains and saves. Training is
 deterministic: a fixed number of steps, seeded, on CPU, deterministic algorithms and a fixed
-thread count. Tokenizer and model are saved in Hugging Face layout (safetensors) with a
-``reference.json`` (spec, sample, loss curve) written last, which marks a complete artifact that
-a rerun with the same spec reuses. The choices are in docs/methods.md §1.
+thread count; the perplexity stage runs it as a Ray task, so the driver holds only the sample.
+Tokenizer and model are saved in Hugging Face layout (safetensors) with a ``reference.json``
+(spec, sample, loss curve) written last, which marks a complete artifact that a rerun with the
+same spec reuses. The choices are in docs/methods.md §1.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.core.hashing import bottom_k, sha256_json, uniform
 from pipeline.core.sampling import hashed_sample
 from pipeline.models.lm import build_causal_lm, check_model_config, train_bpe_tokenizer
+from pipeline.models.pool import largest_node_cpus
 
 DONE = "reference.json"
 
@@ -136,14 +139,19 @@ def train_reference_lm(texts: list[str], folder: Path, spec: ReferenceLMSpec, ma
     return record
 
 
-def _pack(tokenizer, texts: list[str]):
-    """All sample texts as one token stream, each document followed by EOS."""
+def _pack(tokenizer, texts: list[str], chunk: int = 512):
+    """All sample texts as one token stream, each document followed by EOS.
+
+    Encoded ``chunk`` documents at a time straight into int32 arrays: the token lists of a whole
+    20k-document sample as Python ints took about 0.8 GB of the driver's memory."""
     import numpy as np
 
     eos = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for doc in encoded for t in (*doc, eos)), dtype=np.int64)
-    return stream
+    parts = []
+    for start in range(0, len(texts), chunk):
+        for doc in tokenizer(texts[start:start + chunk], add_special_tokens=False)["input_ids"]:
+            parts.append(np.asarray([*doc, eos], dtype=np.int32))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _train(model, stream, spec: ReferenceLMSpec, seed: int) -> list[float]:
@@ -240,5 +248,10 @@ def prepare_reference_lm(ds, params, ctx) -> tuple[Path, dict[str, Any]]:
     if not rows:
         raise ValueError("the reference sample is empty: no document with text to train the reference LM on")
     source["ids_sha256"] = sha256_json([doc_id for doc_id, _ in rows])
-    record = train_reference_lm([text for _, text in rows], folder, spec, params.max_length, ctx.seed, key, source)
+    # Trained in a Ray task, not in the driver: the tokenizer's training and the token stream of a
+    # 20k-document sample take about 0.5 GB, and on a cluster the CPUs are on the workers. The
+    # weights are the same wherever it runs (fixed threads, seeded; see train_reference_lm).
+    cpus = max(1, min(spec.threads, largest_node_cpus()))  # a task runs on one node
+    train = ray.remote(train_reference_lm).options(num_cpus=cpus, max_retries=1)
+    record = ray.get(train.remote([text for _, text in rows], folder, spec, params.max_length, ctx.seed, key, source))
     return folder, {**record, "reused": False}
