@@ -125,6 +125,8 @@ def test_the_manifest_records_each_steps_time_and_throughput(pristine):
     for stage in manifest["stages"]:
         assert stage["seconds"] > 0
         assert stage["rows_per_second"] == pytest.approx(stage["rows_in"] / stage["seconds"], rel=0.01, abs=0.06)
+    peaks = [stage["driver_peak_rss_mib"] for stage in manifest["stages"]]  # this process's peak: never falls
+    assert peaks[0] > 50 and peaks == sorted(peaks)
     read, write = manifest["timing"]["read"], manifest["timing"]["write"]
     assert read["rows"] == 70 and write["rows"] == manifest["counts"]["output_rows"] == 70
     for step in (read, write):

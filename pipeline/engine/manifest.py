@@ -45,7 +45,7 @@ def build_manifest(
     for r in stage_records:
         info = {"see": "the manifest's select section"} if select is not None and r["name"] == "select" else r.get("info")
         stages.append(
-            {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds")}
+            {k: r.get(k) for k in ("name", "rows_in", "rows_out", "dropped", "added", "seconds", "driver_peak_rss_mib")}
             | {"rows_per_second": rows_per_second(r.get("rows_in"), r.get("seconds"))}
             | {k: r.get(k) for k in ("cached", "key")}
             | ({"dropped_by": r["dropped_by"]} if r.get("dropped_by") else {})
