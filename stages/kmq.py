@@ -35,11 +35,11 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 from pydantic import Field, field_validator
-from ray.data.context import DataContext, ShuffleStrategy
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.hashing import hash64
 from pipeline.core.positions import assign_positions
+from pipeline.core.sorting import distributed_sort
 from stages.base import Stage, StageContext, StageParams
 
 UNSELECTED = "kmq.unselected"  # the drop reason of a row that kMQ did not select
@@ -286,14 +286,6 @@ def narrow_input(ds: ray.data.Dataset, key: str, cluster: str) -> ray.data.Datas
     return ds.select_columns(list(dict.fromkeys(["id", key, cluster]))).materialize()
 
 
-def _sort(ds: ray.data.Dataset, keys: list[str], descending: list[bool]) -> ray.data.Dataset:
-    """Ray's distributed sort with the pull-based sort shuffle (the runner sets it for a run; a
-    notebook calling the stage directly gets it here, on this dataset's own context)."""
-    if ds.context is not DataContext.get_current():
-        ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return ds.sort(keys, descending=descending)
-
-
 def rank_in_clusters(ds: ray.data.Dataset, key: str, cluster: str, labels: list[Any], higher_is_better: bool,
                      temperature: float, seed: int) -> ray.data.Dataset:
     """Narrow rows (id, cluster index, null flag, z, key) sorted by cluster, then best first (null
@@ -302,7 +294,7 @@ def rank_in_clusters(ds: ray.data.Dataset, key: str, cluster: str, labels: list[
     columns = list(dict.fromkeys(["id", key, cluster]))
     narrow = ds.select_columns(columns).map_batches(_narrow, batch_format="pyarrow", fn_kwargs={
         "key": key, "cluster": cluster, "labels": labels, "sign": sign, "temperature": temperature, "seed": seed})
-    ordered = _sort(narrow, [_G, _NULL, _Z, "id"], [False, False, True, False])
+    ordered = distributed_sort(narrow, [_G, _NULL, _Z, "id"], [False, False, True, False])
     return assign_positions(ordered).materialize()
 
 

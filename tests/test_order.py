@@ -504,3 +504,17 @@ def test_a_stage_that_loses_a_row_fails_the_run_naming_it(ray_address, tmp_path,
                                                                "key": "alpha_ratio"}]})
     with pytest.raises(StageError, match=r"stage 'order' \(stages\[1\]\): 40 rows in and 39 out.*-1 rows unaccounted"):
         run_pipeline(config, tmp_path / "run", log=lambda _m: None)
+
+
+def test_a_sort_combines_small_blocks_and_keeps_the_order(ray_address) -> None:
+    from pipeline.core.sorting import MIN_PIECE_BYTES, distributed_sort, sort_blocks
+
+    # Every one of the blocks² shuffle pieces should hold >= 1 MiB (Ray inlines < 100 KB into the driver).
+    assert sort_blocks(250 * 2**20, 200) == 15 and sort_blocks(10 * 2**30, 64) == 64 and sort_blocks(1000, 30) == 1
+    assert MIN_PIECE_BYTES == 2**20
+    ds = ray.data.from_items([{"id": f"{i:04d}", "key": (i * 7919) % 1000} for i in range(1000)],
+                             override_num_blocks=40)
+    out = distributed_sort(ds, ["key", "id"]).materialize()
+    assert out.num_blocks() == 1  # 40 tiny blocks combined: a few KB in all
+    rows = [(r["key"], r["id"]) for r in out.take_all()]
+    assert rows == sorted(rows) and len(rows) == 1000

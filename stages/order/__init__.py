@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 from pydantic import Field, model_validator
-from ray.data.context import DataContext, ShuffleStrategy
 
 from pipeline.core.errors import StageError
 from pipeline.core.hashing import hash64
 from pipeline.core.positions import assign_positions
+from pipeline.core.sorting import distributed_sort
 from stages.base import Stage, StageContext, StageParams, variant_params
 from stages.order import pacing as pacing_lib
 from stages.order import replay as replay_lib
@@ -228,15 +228,6 @@ def _derived(table: pa.Table, seed: int, salt: str, streams: int) -> list[np.nda
 
 
 # --------------------------------------------------------------------------- distributed helpers
-
-
-def distributed_sort(ds: ray.data.Dataset, keys: list[str], descending: bool | list[bool] = False) -> ray.data.Dataset:
-    """Ray's distributed sort with the pull-based sort shuffle (see
-    ``pipeline.engine.runner.pipeline_data_context``; set here too, on this dataset's own context, so
-    the stage is as fast when a notebook calls it outside a run)."""
-    if ds.context is not DataContext.get_current():
-        ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return ds.sort(keys, descending=descending)
 
 
 def sort_and_number(ds: ray.data.Dataset, descending: bool) -> ray.data.Dataset:
