@@ -4,8 +4,9 @@ One run folder is killed again and again: each rerun resumes from the stage cach
 at the next seeded point, until a last rerun finishes. Its shards must be byte-identical to an
 uninterrupted run's, every stage finished before a kill must be read back from the cache, and no
 temporary folder of a killed write may survive. The uninterrupted run has a local Ray of its own
-with 1 CPU and the killed one the session's 2-CPU cluster: model training, actor pools and block
-layouts differ with the CPU count, and the bytes may not (layout independence of every order
+with 1 CPU and the killed one the session's 2-CPU cluster: where the tasks run and how they
+interleave differ with the CPU count, and the bytes may not (the CI variant's 450 rows get one
+scorer either way, ``pipeline.models.pool.actors_for``; layout independence of every order
 strategy alone is a property test in test_order_properties.py). CI runs the seeds below on configs/tiny.yaml in
 small (one kill inside the reference-LM perplexity stage, one in the writer);
 ``KILL_ALL_SITES=1`` runs a pipeline with every kind of stage and kills inside each of them, and

@@ -4,10 +4,10 @@ On a terminal Ray Data draws its own progress bars. A log file gets one line eve
 ``CURRICULUM_PROGRESS_SECONDS`` (default 30 s when stderr is not a terminal, off on a terminal;
 0 turns it off) while a stage runs, counted from the parquet files the stage has finished writing
 into its cache folder (its ``.*.tmp-*`` parts locally; the ``data``/``dropped`` objects, written in
-place, on object storage), so the count costs a footer read per new file and nothing on the workers. A model stage, which
-materializes its output before the cache write, counts the rows its actors finished in a
-``RowTally`` instead (``pipeline.models.pool``); a stage that writes only at the end (a global
-sort) shows its elapsed time until then.
+place, on object storage), so the count costs a footer read per new file and nothing on the
+workers. A model stage, which materializes its output before the cache write, counts the rows its
+actors finished in a ``RowTally`` instead (``pipeline.models.pool``); a stage that writes only at
+the end (a global sort) shows its elapsed time until then.
 """
 
 from __future__ import annotations

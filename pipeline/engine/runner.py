@@ -119,6 +119,14 @@ def check_declared_counts(what: str, rows_in: int, rows_out: int, dropped_by: di
                          f"and added {added_by or '{}'} ({expected} expected): {rows_out - expected:+d} rows unaccounted for")
 
 
+def _stop_tally(tally: Any) -> None:
+    """End a stage's RowTally; after a lost node or a dropped connection there may be nothing to end."""
+    try:
+        ray.kill(tally)
+    except Exception:  # noqa: BLE001 - the stage's own outcome is what matters here
+        pass
+
+
 def _count_by(ds: ray.data.Dataset, column: str) -> dict[str, int]:
     return {str(r[column]): int(r["count()"]) for r in ds.groupby(column).count().take_all()}
 
@@ -266,7 +274,7 @@ def _run(config: Config, out_dir: Path | str, log: Log, stage_objects: list[Stag
                 raise StageError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
             finally:
                 if ctx.row_tally is not None:
-                    ray.kill(ctx.row_tally)
+                    _stop_tally(ctx.row_tally)
             dropped_by = _merge_counts(dropped_by, ctx.dropped)
             added_by = _merge_counts({}, ctx.added)
             check_declared_counts(f"stage {stage.name!r} (stages[{index - 1}])", rows, rows_out, dropped_by, added_by)
