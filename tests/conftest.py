@@ -25,8 +25,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray the tests start (the session's, a CLI run's own, `ray start` nodes) keeps an idle worker
 # for 5 minutes instead of 1 s. Above one worker per CPU Ray kills idle workers after a second, so
-# while actors hold the CPUs each task started a fresh worker (ray, pyarrow and the pipeline
-# imported again, about 4 CPU-seconds on 2 cores): a third of test_perplexity.py's CPU time.
+# while actors hold the CPUs each task started a fresh worker and imported Ray, pyarrow and the
+# pipeline again (`pytest tests/test_perplexity.py` alone: 177 s -> 155 s; benchmarks/README.md).
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
 
 
