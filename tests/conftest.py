@@ -6,6 +6,8 @@ this cluster instead of starting its own (Ray's start-up dominates small runs).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -49,16 +51,37 @@ CliResult = subprocess.CompletedProcess
 
 @pytest.fixture
 def cli(ray_address: str) -> Callable[..., CliResult]:
-    """Run ``curriculum ARGS`` in a subprocess; ``run`` commands join the session cluster."""
+    """Run ``curriculum ARGS`` and return its exit code and output, as a finished process would.
 
-    def run(*args: str, join_cluster: bool = True, timeout: float = 600, cwd: Path | None = None) -> CliResult:
+    In this test process by default, joined to the session cluster: a ``curriculum`` subprocess is a
+    new Ray job, and Ray starts fresh workers for every job (each imports Ray, Ray Data and pandas
+    again), which made a small run cost 14.4 CPU-seconds against 4.6 in-process (measured by
+    benchmarks/bench_cli_process.py). ``process=True`` runs ``python -m pipeline.cli`` in a subprocess instead, for what
+    only a process shows: its environment reaching the workers, its own Ray, a kill."""
+
+    def run(*args: str, process: bool = False, join_cluster: bool = True, timeout: float = 600,
+            cwd: Path | None = None) -> CliResult:
         argv = [sys.executable, "-m", "pipeline.cli", *args]
+        if not process and join_cluster and cwd is None:
+            return _in_process(argv, list(args))
         if args and args[0] == "run" and join_cluster and "--ray-address" not in args:
             argv += ["--ray-address", ray_address]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
 
     return run
+
+
+def _in_process(argv: list[str], args: list[str]) -> CliResult:
+    from pipeline.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def real_mix_path() -> Path:

@@ -1,4 +1,7 @@
-"""The command line end to end, in subprocesses: exit codes, determinism, crash and resume."""
+"""The command line end to end: exit codes, messages, determinism, the report.
+
+The ``cli`` fixture runs a command in this process (tests/conftest.py); the first test runs
+``python -m pipeline.cli`` as a process, as a user does."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def shard_hashes(out: Path) -> dict[str, str]:
 def test_config_error_exits_2_names_the_key_and_writes_nothing(cli, tmp_path):
     config = write_config(tmp_path)
     out = tmp_path / "never"
-    result = cli("run", str(config), "--out", str(out), "--set", "stages.quality.treshold=3")
+    result = cli("run", str(config), "--out", str(out), "--set", "stages.quality.treshold=3", process=True)
     assert result.returncode == 2
     assert "stages[0].treshold: unknown key" in result.stderr
     assert not out.exists()

@@ -127,20 +127,25 @@ def cluster() -> Iterator[tuple[str, list[Node]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _alive_cpus(address: str) -> list[float]:
-    probe = ("import json, ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-             "print(json.dumps(sorted(n['Resources'].get('CPU', 0.0) for n in ray.nodes() if n['Alive'])))")
-    done = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=_env(), timeout=120)
+def _wait_for_cpus(address: str, expected: list[float], timeout: float) -> list[float]:
+    """The CPUs of the cluster's live nodes, sorted, once they are ``expected`` or ``timeout`` has
+    passed: one driver polls (each new driver costs seconds of CPU to start and join)."""
+    probe = ("import json, ray, sys, time; ray.init(address=sys.argv[1], log_to_driver=False)\n"
+             "expected, deadline = json.loads(sys.argv[2]), time.time() + float(sys.argv[3])\n"
+             "while (cpus := sorted(n['Resources'].get('CPU', 0.0) for n in ray.nodes() if n['Alive'])) != expected \\\n"
+             "        and time.time() < deadline:\n"
+             "    time.sleep(1)\n"
+             "print(json.dumps(cpus))")
+    done = subprocess.run([sys.executable, "-c", probe, address, json.dumps(expected), str(timeout)],
+                          capture_output=True, text=True, env=_env(), timeout=timeout + 120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, tmp_path):
     address, nodes = cluster
-    deadline = time.time() + 60
-    while (cpus := _alive_cpus(address)) != [0.0, 1.0, 1.0]:
-        assert time.time() < deadline, f"expected a 0-CPU head and two 1-CPU workers, found {cpus}"
-        time.sleep(1)
+    cpus = _wait_for_cpus(address, [0.0, 1.0, 1.0], timeout=60)
+    assert cpus == [0.0, 1.0, 1.0], f"expected a 0-CPU head and two 1-CPU workers, found {cpus}"
 
     config = tmp_path / "multinode.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
@@ -164,10 +169,8 @@ def test_three_nodes_survive_losing_a_worker_mid_stage(cluster, tmp_path):
     assert "[2/4 perplexity] cached" not in log
     assert code == 0, f"the run did not survive the lost node (exit {code}): {log[-3000:]}"
     print("the perplexity stage was run again" if "a Ray node was lost" in log else "Ray recovered inside the stage")
-    deadline = time.time() + 90
-    while (cpus := _alive_cpus(address)) != [0.0, 1.0]:
-        assert time.time() < deadline, f"the killed worker node is still alive: {cpus}"
-        time.sleep(2)
+    cpus = _wait_for_cpus(address, [0.0, 1.0], timeout=90)
+    assert cpus == [0.0, 1.0], f"the killed worker node is still alive: {cpus}"
 
     read_ids = pads.dataset(next(out.glob("stages/00-read-*")) / "data").to_table(columns=["id"])["id"].to_pylist()
     shard_ids = pads.dataset(out / "shards").to_table(columns=["id"])["id"].to_pylist()

@@ -181,7 +181,7 @@ def test_run_from_and_to_a_bucket_resumes_after_sigkill_and_trains(s3, cli, ray_
     markers = {f.uri: storage.read_bytes(f.uri) for f in storage.list_files(f"{out}/stages") if f.uri.endswith(SUCCESS)}
     assert len(markers) >= 2  # read and quality
 
-    resumed = cli("run", str(config), "--out", out, "--set", "ray.ship_credentials=true")
+    resumed = cli("run", str(config), "--out", out, "--set", "ray.ship_credentials=true", process=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[read] cached" in resumed.stderr and "quality] cached" in resumed.stderr
     assert all(storage.read_bytes(uri) == data for uri, data in markers.items())  # not recomputed

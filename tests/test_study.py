@@ -14,7 +14,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.core.errors import ConfigError
 from pipeline.engine.study import DONE, run_study, validate_study
-from tests.kill_harness import completed, draw_kill, killed
+from tests.kill_harness import draw_kill, killed
 
 # 2 orders x 2 schedules x 2 seeds, ~11 steps of 4 x 32 tokens on a 1-layer GPT-2 of width 32.
 TINY = {
@@ -146,7 +146,7 @@ def test_rerun_redoes_only_unfinished_runs_and_reports_a_failure(study_dir: Path
     assert "Failed runs" in (study_dir / "results.md").read_text()
 
 
-def test_killed_mid_arm_resumes_to_the_same_results(study_dir: Path, ray_address: str, tmp_path: Path):
+def test_killed_mid_arm_resumes_to_the_same_results(study_dir: Path, ray_address: str, cli, tmp_path: Path):
     """SIGKILL `curriculum study` while an arm trains (seeded kill point, tests/kill_harness.py): the
     rerun resumes that arm from its checkpoints, and every arm's losses are the uninterrupted study's."""
     raw = copy.deepcopy(TINY)
@@ -159,7 +159,8 @@ def test_killed_mid_arm_resumes_to_the_same_results(study_dir: Path, ray_address
     killed(args, kill)
     assert not (out / "results.json").exists()
 
-    assert completed(args, str(kill)).returncode == 0
+    resumed = cli(*args)  # not killed: in this process
+    assert resumed.returncode == 0, f"[{kill}] {resumed.stderr[-2000:]}"
     logs = [p.read_text() for p in (out / "arms").glob("*/train.log")]
     assert any("resuming from step-" in log for log in logs), f"[{kill}] no arm resumed from a checkpoint"
     for arm in ("uniform__constant__s0", "uniform__constant__s1", "ascending__constant__s0", "ascending__constant__s1"):
