@@ -1,7 +1,8 @@
 """Shared fixtures: one local Ray cluster for the whole session, and a CLI runner.
 
-Tests that run ``curriculum`` in a subprocess pass ``--ray-address`` so the subprocess joins
-this cluster instead of starting its own (Ray's start-up dominates small runs).
+The ``cli`` fixture runs ``curriculum`` commands in the test process, on that cluster; a test that
+needs a process of its own (a kill, its own environment) gets one that joins the cluster through
+``--ray-address`` instead of starting its own Ray (Ray's start-up dominates small runs).
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def real_mix_path() -> Path:
 # and leave one worker idle for minutes. Hand them out longest first instead (measured seconds per
 # file on 2 cores, roughly; files not listed follow, in collection order).
 LONGEST_FIRST = [
-    "test_cli.py", "test_notebooks.py", "test_perplexity.py", "test_kill_anywhere.py", "test_multinode.py",
-    "test_order_properties.py", "test_train_trainer.py", "test_foundation.py", "test_select.py", "test_object_storage.py",
-    "test_embed.py", "test_order.py", "test_study.py", "test_combine.py", "test_kmq.py", "test_whatif.py", "test_ray_auth.py",
+    "test_kill_anywhere.py", "test_notebooks.py", "test_perplexity.py", "test_train_trainer.py", "test_multinode.py",
+    "test_embed.py", "test_order_properties.py", "test_order.py", "test_foundation.py", "test_ray_auth.py",
+    "test_study.py", "test_quality_classifier.py", "test_object_storage.py", "test_select.py", "test_cli.py",
+    "test_cluster.py", "test_kmq.py", "test_segmenters.py", "test_combine.py", "test_whatif.py",
 ]
 
 

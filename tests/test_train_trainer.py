@@ -3,6 +3,8 @@ two Ray Train workers in curriculum order, config errors, presets."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -63,12 +65,15 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reference(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An uninterrupted `curriculum train` (subprocess): (config, OUT)."""
+    """An uninterrupted `curriculum train`, in this process: (config, OUT). The killed run below is a
+    process of its own, so the comparison also spans the two."""
     folder = tmp_path_factory.mktemp("reference")
     config = _config_file(folder, TRAIN)
     out = folder / "out"
-    done = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=_env(), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["train", str(config), "--data", str(run_dir), "--out", str(out)])
+    assert code == 0, stderr.getvalue()[-3000:]
     return config, out
 
 
@@ -119,7 +124,8 @@ def test_outputs_follow_the_contract(reference: tuple[Path, Path]):
     assert torch.allclose(averaged[key].double(), expected, atol=1e-6)
 
 
-def test_exact_resume_after_sigkill_mid_checkpoint_write(reference: tuple[Path, Path], run_dir: Path, tmp_path: Path):
+def test_exact_resume_after_sigkill_mid_checkpoint_write(reference: tuple[Path, Path], run_dir: Path, cli,
+                                                         tmp_path: Path):
     """SIGKILL inside a seeded checkpoint write (weights on disk, optimizer state and rename not yet)."""
     config, ref_out = reference
     out = tmp_path / "killed"
@@ -132,7 +138,7 @@ def test_exact_resume_after_sigkill_mid_checkpoint_write(reference: tuple[Path, 
     assert not (out / "summary.json").exists()
     assert list((out / "checkpoints").glob(".step-*.tmp-*")), f"[{kill}] no half-written checkpoint was left"
 
-    resumed = subprocess.run(_train_cmd(config, run_dir, out), capture_output=True, text=True, env=_env(), timeout=600)
+    resumed = cli("train", str(config), "--data", str(run_dir), "--out", str(out))  # in this process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step-" in resumed.stderr, f"[{kill}]"
     assert not list((out / "checkpoints").glob(".step-*.tmp-*"))
