@@ -57,8 +57,9 @@ def cli(ray_address: str) -> Callable[..., CliResult]:
     In this test process by default, joined to the session cluster: a ``curriculum`` subprocess is a
     new Ray job, and Ray starts fresh workers for every job (each imports Ray, Ray Data and pandas
     again), which made a small run cost 14.4 CPU-seconds against 4.6 in-process (measured by
-    benchmarks/bench_cli_process.py). ``process=True`` runs ``python -m pipeline.cli`` in a subprocess instead, for what
-    only a process shows: its environment reaching the workers, its own Ray, a kill."""
+    benchmarks/bench_cli_process.py). ``process=True`` runs ``python -m pipeline.cli`` in a
+    subprocess instead, for what only a process shows: its environment reaching the workers, its
+    own Ray, a kill."""
 
     def run(*args: str, process: bool = False, join_cluster: bool = True, timeout: float = 600,
             cwd: Path | None = None) -> CliResult:
