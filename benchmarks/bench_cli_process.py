@@ -45,6 +45,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "cli_process.json")
     args = parser.parse_args()
 
+    # As in the test suite (tests/conftest.py), where these figures matter: idle workers kept for
+    # 5 minutes, and no token authentication on this local cluster.
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "300000")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import yaml
 

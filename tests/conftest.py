@@ -63,9 +63,9 @@ def cli(ray_address: str) -> Callable[..., CliResult]:
 
     def run(*args: str, process: bool = False, join_cluster: bool = True, timeout: float = 600,
             cwd: Path | None = None) -> CliResult:
-        argv = [sys.executable, "-m", "pipeline.cli", *args]
         if not process and join_cluster and cwd is None:
-            return _in_process(argv, list(args))
+            return run_in_process(*args)
+        argv = [sys.executable, "-m", "pipeline.cli", *args]
         if args and args[0] == "run" and join_cluster and "--ray-address" not in args:
             argv += ["--ray-address", ray_address]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -74,16 +74,18 @@ def cli(ray_address: str) -> Callable[..., CliResult]:
     return run
 
 
-def _in_process(argv: list[str], args: list[str]) -> CliResult:
+def run_in_process(*args: str) -> CliResult:
+    """``curriculum ARGS`` in this process (on its Ray session, if it has one), with its exit code
+    and captured output as a finished process would give them."""
     from pipeline.cli import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            code = main(args)
+            code = main(list(args))
         except SystemExit as exc:  # argparse's usage errors
             code = exc.code if isinstance(exc.code, int) else 2
-    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(["curriculum", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def real_mix_path() -> Path:

@@ -3,8 +3,6 @@ two Ray Train workers in curriculum order, config errors, presets."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -21,6 +19,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.train.schedules import lr_at, make_schedule
+from tests.conftest import run_in_process
 from tests.kill_harness import checkpoint_kill
 from tests.test_train_loader import RUN_CONFIG, build_run_folder
 
@@ -70,10 +69,8 @@ def reference(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     folder = tmp_path_factory.mktemp("reference")
     config = _config_file(folder, TRAIN)
     out = folder / "out"
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["train", str(config), "--data", str(run_dir), "--out", str(out)])
-    assert code == 0, stderr.getvalue()[-3000:]
+    done = run_in_process("train", str(config), "--data", str(run_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
     return config, out
 
 

@@ -101,6 +101,18 @@ def check_cluster(address: str) -> None:
         return
 
 
+# What connect_ray uses only when it starts the session, not when it joins one already open here.
+_SESSION_START_SETTINGS = ("num_cpus", "ship_code", "ship_credentials")
+
+
+def unused_in_open_session(settings: RayConfig) -> list[str]:
+    """The ``ray.*`` settings a run cannot apply because this process already has a Ray session
+    (a notebook's): connect_ray joins it as it is. Empty when there is no session yet."""
+    if not ray.is_initialized():
+        return []
+    return [f"ray.{key}" for key in _SESSION_START_SETTINGS if getattr(settings, key)]
+
+
 def connect_ray(settings: RayConfig, address: str | None = None) -> None:
     """Join the cluster at ``address`` / ``ray.address`` / ``RAY_ADDRESS``, or start a local one."""
     if ray.is_initialized():

@@ -31,7 +31,7 @@ from pipeline.core.errors import ConfigError, CurriculumError, StageError, Unrea
 from pipeline.core.faults import kill_when_written
 from pipeline.core.hashing import sha256_json
 from pipeline.core.paths import expand_input_paths, ignored_input_files
-from pipeline.core.ray_session import connect_ray
+from pipeline.core.ray_session import connect_ray, unused_in_open_session
 from pipeline.engine.cache import StageCache, stage_key, stage_spec
 from pipeline.engine.config import Config
 from pipeline.engine.manifest import build_manifest, driver_peak_rss_mib, rows_per_second, step_timing, write_manifest
@@ -139,11 +139,9 @@ def run_pipeline(config: Config, out_dir: Path | str, address: str | None = None
     just before the order stage: iterative kMQ (``pipeline.engine.select``)."""
     stage_objects = _stage_objects(config, select, log)
     joined_here = not ray.is_initialized()  # a notebook's own Ray session is not ours to end
-    if not joined_here:
-        unused = [f"ray.{key}" for key in ("num_cpus", "ship_code", "ship_credentials") if getattr(config.ray, key)]
-        if unused:
-            log(f"[ray] joined the Ray session this process already has; {', '.join(unused)}: used only when "
-                "curriculum starts the session (give them to your own ray.init)")
+    if unused := unused_in_open_session(config.ray):
+        log(f"[ray] joined the Ray session this process already has; {', '.join(unused)}: used only when "
+            "curriculum starts the session (give them to your own ray.init)")
     # Absolute, because Ray tasks on other nodes write into it from their own working directory.
     run_dir = out_dir if storage.is_uri(out_dir) else Path(out_dir).resolve()
     retries, attempt = config.ray.node_loss_retries, 0
